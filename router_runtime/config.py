@@ -112,9 +112,9 @@ class RouterConfig(CamelModel):
     )
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Cumulative probability threshold for top_p.")
     renormalize: bool = Field(True, description="Renormalise the weights over the selected experts.")
-    load_balancing: LoadBalancingConfig = Field(default_factory=LoadBalancingConfig)  # type: ignore[arg-type]
-    weights: WeightsConfig = Field(default_factory=WeightsConfig)  # type: ignore[arg-type]
-    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)  # type: ignore[arg-type]
+    load_balancing: LoadBalancingConfig = Field(default_factory=LoadBalancingConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
 
     @model_validator(mode="after")
     def _expert_counts_are_ordered(self) -> RouterConfig:
@@ -146,7 +146,7 @@ class ServerConfig(CamelModel):
 
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=1, le=65535)
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)  # type: ignore[arg-type]
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
     max_request_tokens: int = Field(
         65536, ge=1, le=16_777_216, description="Most tokens one request may carry (413 beyond)."
     )
@@ -161,8 +161,8 @@ class ServerConfig(CamelModel):
 class RuntimeFileConfig(CamelModel):
     """The whole file the runtime reads: what the operator renders into the ConfigMap."""
 
-    router: RouterConfig = Field(default_factory=RouterConfig)  # type: ignore[arg-type]
-    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_wire(), sort_keys=True)

@@ -7,9 +7,10 @@ runtime share one schema.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from router_runtime.config import BatchingConfig, CamelModel, RouterConfig
 
@@ -54,8 +55,8 @@ class RuntimeSpec(CamelModel):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = Field(default_factory=list, description="Names of image pull Secrets.")
     port: int = Field(8080, ge=1024, le=65535, description="Container port of the HTTP API (non-root).")
-    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)  # type: ignore[arg-type]
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)  # type: ignore[arg-type]
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
     max_request_tokens: int = Field(65536, ge=1, le=16_777_216, description="Most tokens per request.")
     api_key_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding the API key clients must send (Bearer or X-API-Key)."
@@ -115,7 +116,7 @@ class PrometheusSpec(CamelModel):
     )
     bearer_token_secret_ref: SecretKeyRef | None = None
     basic_auth_secret_ref: BasicAuthSecretRef | None = None
-    tls: PrometheusTLS = Field(default_factory=PrometheusTLS)  # type: ignore[arg-type]
+    tls: PrometheusTLS = Field(default_factory=PrometheusTLS)
     timeout_seconds: float = Field(10.0, gt=0.0, le=120.0)
 
 
@@ -197,7 +198,7 @@ class AutoscalingSpec(CamelModel):
         json_schema_extra={"items": FREE_FORM_SCHEMA},
     )
     behavior: FreeForm | None = free_form("autoscaling/v2 HorizontalPodAutoscalerBehavior, passed through.")
-    predictive: PredictiveSpec = Field(default_factory=PredictiveSpec)  # type: ignore[arg-type]
+    predictive: PredictiveSpec = Field(default_factory=PredictiveSpec)
 
     @model_validator(mode="after")
     def _bounds_are_ordered(self) -> AutoscalingSpec:
@@ -244,15 +245,15 @@ class MonitoringSpec(CamelModel):
 class MoERouterSpec(CamelModel):
     """Desired state of a MoERouter."""
 
-    router: RouterConfig = Field(default_factory=RouterConfig)  # type: ignore[arg-type]
-    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)  # type: ignore[arg-type]
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     replicas: int = Field(2, ge=0, le=10000, description="Replicas when autoscaling is off (/scale target).")
-    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)  # type: ignore[arg-type]
-    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)  # type: ignore[arg-type]
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
     pod_disruption_budget: PodDisruptionBudgetSpec = Field(
-        default_factory=PodDisruptionBudgetSpec  # type: ignore[arg-type]
+        default_factory=PodDisruptionBudgetSpec
     )
-    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)  # type: ignore[arg-type]
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
 
 
 class Condition(CamelModel):
@@ -293,3 +294,26 @@ class MoERouterStatus(CamelModel):
     selector: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     prediction: PredictionStatus | None = None
+
+
+class SpecError(ValueError):
+    """A MoERouter spec that cannot be used; the message names the offending fields."""
+
+
+def _field_path(location: tuple[int | str, ...]) -> str:
+    path = "spec"
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def parse_spec(spec: Mapping[str, Any] | None) -> MoERouterSpec:
+    """Validate a MoERouter ``spec`` (wire form); raise SpecError naming every bad field."""
+    try:
+        return MoERouterSpec.model_validate(dict(spec or {}))
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            location = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+            problems.append(f"{_field_path(location)}: {error['msg']}")
+        raise SpecError("; ".join(problems)) from None

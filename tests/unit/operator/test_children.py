@@ -1,0 +1,206 @@
+"""The pure builders: every child valid for Kubernetes, secure by default, owned, and stable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from moe_operator.api import parse_spec
+from moe_operator.children import (
+    CHILD_RESOURCES,
+    Owner,
+    desired_children,
+    desired_deployment,
+    desired_hpa,
+    desired_network_policy,
+    runtime_file_config,
+)
+from moe_operator.labels import CONFIG_HASH_ANNOTATION, selector_labels
+from router_runtime.config import RuntimeFileConfig
+
+ROOT = Path(__file__).resolve().parents[3]
+K8S_VERSION = "1.30.0"
+OWNER = Owner(name="r1", namespace="ml", uid="2f1c8f0e-6a3c-4f55-9f5e-3a1d7c9b0e11")
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def spec_from(**wire: Any):
+    return parse_spec(wire)
+
+
+def by_kind(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {child["kind"]: child for child in children}
+
+
+def example_specs() -> list[Any]:
+    return [
+        doc["spec"]
+        for path in sorted((ROOT / "examples").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "MoERouter"
+    ]
+
+
+@pytest.mark.parametrize("wire", [*example_specs(), {}], ids=lambda wire: str(sorted(wire))[:40])
+def test_every_child_validates_against_the_kubernetes_schemas(wire: dict[str, Any]) -> None:
+    for child in desired_children(OWNER, parse_spec(wire), min_replicas_floor=3):
+        if child["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+def test_example_renders_six_children_in_apply_order() -> None:
+    (example,) = yaml.safe_load_all((ROOT / "examples" / "moerouter.yaml").read_text())
+    spec = parse_spec(example["spec"])
+    kinds = [child["kind"] for child in desired_children(OWNER, spec)]
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+    ]
+    assert {resource.kind for resource in CHILD_RESOURCES} >= set(kinds)
+
+
+def test_every_child_is_owned_by_the_moerouter_and_labelled() -> None:
+    spec = spec_from(autoscaling={"enabled": True}, monitoring={"serviceMonitor": True, "prometheusRule": True})
+    for child in desired_children(OWNER, spec):
+        (reference,) = child["metadata"]["ownerReferences"]
+        assert reference == {
+            "apiVersion": "moerouter.io/v1alpha1",
+            "kind": "MoERouter",
+            "name": "r1",
+            "uid": OWNER.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        labels = child["metadata"]["labels"]
+        for key in ("name", "instance", "component", "managed-by", "part-of"):
+            assert f"app.kubernetes.io/{key}" in labels
+        assert child["metadata"]["namespace"] == "ml"
+
+
+def test_runtime_pod_runs_restricted() -> None:
+    pod = desired_deployment(OWNER, spec_from())["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    (container,) = pod["containers"]
+    context = container["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_probes_use_the_runtime_health_endpoints_and_startup_covers_startup_seconds() -> None:
+    (container,) = desired_deployment(OWNER, spec_from(runtime={"startupSeconds": 301}))["spec"]["template"][
+        "spec"
+    ]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 301
+
+
+def test_replicas_are_set_only_while_no_hpa_owns_scaling() -> None:
+    assert desired_deployment(OWNER, spec_from(replicas=3))["spec"]["replicas"] == 3
+    with_hpa = desired_deployment(OWNER, spec_from(replicas=3, autoscaling={"enabled": True}))
+    assert "replicas" not in with_hpa["spec"]
+    kinds = by_kind(desired_children(OWNER, spec_from(autoscaling={"enabled": False})))
+    assert "HorizontalPodAutoscaler" not in kinds
+
+
+def test_router_config_change_rolls_the_pods_and_other_changes_do_not() -> None:
+    def hash_of(wire: dict[str, Any]) -> str:
+        deployment = desired_deployment(OWNER, parse_spec(wire))
+        return str(deployment["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION])
+
+    base = hash_of({"router": {"topP": 0.9}})
+    assert hash_of({"router": {"topP": 0.8}}) != base
+    assert hash_of({"router": {"topP": 0.9}, "autoscaling": {"enabled": True, "maxReplicas": 40}}) == base
+
+
+def test_config_map_holds_the_config_the_runtime_reads_back() -> None:
+    spec = spec_from(router={"numExperts": 16, "maxExperts": 4, "strategy": "entropy"}, runtime={"port": 9000})
+    config_map = by_kind(desired_children(OWNER, spec))["ConfigMap"]
+    loaded = RuntimeFileConfig.from_yaml(config_map["data"]["router.yaml"])
+    assert loaded.router == spec.router
+    assert loaded.server.port == 9000
+    assert loaded == runtime_file_config(spec)
+
+
+def test_foreign_and_bookkeeping_annotations_are_not_copied_to_children() -> None:
+    owner = Owner(
+        name="r1",
+        namespace="ml",
+        uid="u",
+        labels={"team": "search", "argocd.argoproj.io/instance": "app"},
+        annotations={
+            "kopf.zalando.org/last-handled-configuration": "{}",
+            "kubectl.kubernetes.io/last-applied-configuration": "{}",
+            "argocd.argoproj.io/tracking-id": "x",
+            "moerouter.io/last-handled-configuration": "{}",
+            "owner.example.com/contact": "ml-platform",
+        },
+    )
+    for child in desired_children(owner, spec_from()):
+        metadata = child["metadata"]
+        assert metadata.get("annotations") == {"owner.example.com/contact": "ml-platform"}
+        assert metadata["labels"]["team"] == "search"
+        assert "argocd.argoproj.io/instance" not in metadata["labels"]
+
+
+def test_hpa_passes_metrics_and_behavior_through_and_defaults_to_cpu() -> None:
+    default = desired_hpa(OWNER, spec_from(autoscaling={"enabled": True}))["spec"]
+    assert default["metrics"][0]["resource"]["name"] == "cpu"
+    assert "behavior" not in default
+    custom_metric = {
+        "type": "Pods",
+        "pods": {"metric": {"name": "rps"}, "target": {"type": "AverageValue", "averageValue": "10"}},
+    }
+    behavior = {"scaleDown": {"stabilizationWindowSeconds": 60}}
+    custom = desired_hpa(
+        OWNER, spec_from(autoscaling={"enabled": True, "metrics": [custom_metric], "behavior": behavior})
+    )["spec"]
+    assert custom["metrics"] == [custom_metric]
+    assert custom["behavior"] == behavior
+
+
+@pytest.mark.parametrize(("floor", "expected"), [(None, 2), (1, 2), (5, 5), (50, 8)])
+def test_predictive_floor_raises_min_replicas_within_bounds(floor: int | None, expected: int) -> None:
+    spec = spec_from(autoscaling={"enabled": True, "minReplicas": 2, "maxReplicas": 8})
+    assert desired_hpa(OWNER, spec, floor)["spec"]["minReplicas"] == expected
+
+
+def test_network_policy_admits_clients_and_scrapers_only_on_the_router_port() -> None:
+    policy = desired_network_policy(OWNER, spec_from())["spec"]
+    assert policy["podSelector"] == {"matchLabels": selector_labels("r1")}
+    assert policy["policyTypes"] == ["Ingress"]
+    assert [rule["from"] for rule in policy["ingress"]] == [
+        [{"podSelector": {}}],
+        [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+    ]
+    assert all(rule["ports"] == [{"protocol": "TCP", "port": 8080}] for rule in policy["ingress"])
+
+
+def test_network_policy_never_emits_an_allow_all_rule_for_empty_peer_lists() -> None:
+    policy = desired_network_policy(OWNER, spec_from(networkPolicy={"allowedClients": [], "metricsScrapers": []}))
+    assert policy["spec"]["ingress"] == []
+
+
+def test_api_key_comes_from_the_secret_reference_only() -> None:
+    spec = spec_from(runtime={"apiKeySecretRef": {"name": "keys", "key": "router"}})
+    (container,) = desired_deployment(OWNER, spec)["spec"]["template"]["spec"]["containers"]
+    (api_key,) = [env for env in container["env"] if env["name"] == "MOE_ROUTER_API_KEY"]
+    assert api_key == {"name": "MOE_ROUTER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "router"}}}
+
+
+def test_builders_are_deterministic() -> None:
+    spec = parse_spec(example_specs()[-1])
+    assert desired_children(OWNER, spec) == desired_children(OWNER, spec)

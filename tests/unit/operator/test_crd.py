@@ -1,0 +1,138 @@
+"""The CRD is generated from the models, checked in unchanged, and accepts exactly the valid objects."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from moe_operator.api import MoERouterSpec, parse_spec
+from moe_operator.crd import crd_yaml, custom_resource_definition
+from tests.support.crd_validation import validate_custom_object
+
+ROOT = Path(__file__).resolve().parents[3]
+CHECKED_IN = ROOT / "crds" / "moerouter.io_moerouters.yaml"
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+K8S_VERSION = "1.30.0"
+
+
+def moerouters(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc and doc.get("kind") == "MoERouter"]
+
+
+@pytest.fixture(scope="module")
+def crd() -> dict[str, Any]:
+    return custom_resource_definition()
+
+
+def test_checked_in_crd_equals_generated_output() -> None:
+    assert CHECKED_IN.read_text() == crd_yaml(), "crds/ is stale: run `make crd`"
+
+
+def test_crd_is_a_valid_apiextensions_v1_object(crd: dict[str, Any]) -> None:
+    kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
+
+
+def test_crd_declares_names_subresources_and_printer_columns(crd: dict[str, Any]) -> None:
+    spec = crd["spec"]
+    assert (spec["group"], spec["names"]["kind"], spec["names"]["plural"]) == (
+        "moerouter.io",
+        "MoERouter",
+        "moerouters",
+    )
+    assert spec["names"]["shortNames"] == ["moer"]
+    version = spec["versions"][0]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    assert [column["name"] for column in version["additionalPrinterColumns"]] == [
+        "Ready",
+        "Replicas",
+        "Predicted",
+        "Recommended",
+        "Age",
+    ]
+
+
+def walk(node: Any) -> Any:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def test_schema_is_structural(crd: dict[str, Any]) -> None:
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for node in walk(schema["properties"]["spec"]):
+        if "type" in node or "properties" in node or "items" in node:
+            assert not {"$ref", "anyOf", "oneOf", "allOf", "title"} & node.keys(), node
+            assert "type" in node, node
+            assert node.get("additionalProperties") is not False, node
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
+def test_examples_are_accepted_by_the_crd_schema(path: Path, crd: dict[str, Any]) -> None:
+    routers = moerouters(path)
+    assert routers
+    for router in routers:
+        assert validate_custom_object(router, crd) == []
+        parse_spec(router["spec"])
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"router": {"minExperts": 3, "maxExperts": 2}}, "minExperts must be <= router.maxExperts"),
+        ({"router": {"numExperts": 4, "maxExperts": 6}}, "maxExperts must be <= router.numExperts"),
+        ({"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}, "minReplicas must be <= autoscaling.maxReplicas"),
+        ({"autoscaling": {"predictive": {"mode": "Active"}}}, "prometheus is required unless mode is Off"),
+    ],
+)
+def test_cross_field_rules_reject_in_cel_and_in_the_models(
+    patch: dict[str, Any], expected: str, crd: dict[str, Any]
+) -> None:
+    router = {"apiVersion": "moerouter.io/v1alpha1", "kind": "MoERouter", "metadata": {"name": "r"}, "spec": patch}
+    problems = validate_custom_object(router, crd)
+    assert any(expected in problem for problem in problems), problems
+    with pytest.raises(ValueError, match=expected.split(" must")[0].split(" is")[0]):
+        parse_spec(patch)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"router": {"strategy": "random"}}, "strategy"),
+        ({"router": {"numExperts": 0}}, "numExperts"),
+        ({"replicas": -1}, "replicas"),
+        ({"router": {"topP": 0}}, "topP"),
+        ({"runtime": {"imagePullPolicy": "Sometimes"}}, "imagePullPolicy"),
+        ({"autoscaling": {"predictive": {"targetUtilization": 1.5}}}, "targetUtilization"),
+        ({"routerr": {}}, "routerr"),
+    ],
+)
+def test_schema_rejects_bad_fields_and_names_them(spec: dict[str, Any], field: str, crd: dict[str, Any]) -> None:
+    router = {"apiVersion": "moerouter.io/v1alpha1", "kind": "MoERouter", "metadata": {"name": "r"}, "spec": spec}
+    problems = validate_custom_object(router, crd)
+    assert any(field in problem for problem in problems), problems
+
+
+def test_api_server_defaults_equal_the_model_defaults(crd: dict[str, Any]) -> None:
+    from tests.support.crd_validation import apply_defaults, crd_schema
+
+    defaulted = apply_defaults({"spec": {}}, crd_schema(crd, "v1alpha1"))
+    assert parse_spec(defaulted["spec"]) == MoERouterSpec()
+    assert defaulted["spec"]["router"]["strategy"] == MoERouterSpec().router.strategy
+
+
+def test_defaulted_empty_spec_is_accepted(crd: dict[str, Any]) -> None:
+    router = {"apiVersion": "moerouter.io/v1alpha1", "kind": "MoERouter", "metadata": {"name": "r"}}
+    assert validate_custom_object(copy.deepcopy(router), crd) == []
