@@ -13,7 +13,7 @@ help:
 	@echo "make demo   - run the operator, runtime and simulator end to end in a local sandbox"
 	@echo "make test   - install everything and run lint, mypy and the test suite"
 	@echo "make e2e    - end-to-end tests against a kind cluster (needs docker and kind)"
-	@echo "make crd    - regenerate crds/ from the pydantic models"
+	@echo "make crd    - regenerate crds/, the chart CRD copy and docs/configuration.md from the models"
 	@echo "make bench  - run the benchmarks in benchmarks/"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -57,6 +57,8 @@ demo: venv
 
 crd: venv
 	$(BIN)/moe-operator crd > crds/moerouter.io_moerouters.yaml
+	cp crds/moerouter.io_moerouters.yaml charts/moe-router-operator/crds/moerouter.io_moerouters.yaml
+	$(BIN)/python -m moe_operator.reference > docs/configuration.md
 
 bench: venv
 	$(BIN)/python benchmarks/operator_scale.py

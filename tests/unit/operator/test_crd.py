@@ -136,3 +136,14 @@ def test_api_server_defaults_equal_the_model_defaults(crd: dict[str, Any]) -> No
 def test_defaulted_empty_spec_is_accepted(crd: dict[str, Any]) -> None:
     router = {"apiVersion": "moerouter.io/v1alpha1", "kind": "MoERouter", "metadata": {"name": "r"}}
     assert validate_custom_object(copy.deepcopy(router), crd) == []
+
+
+def test_configuration_reference_is_up_to_date() -> None:
+    from moe_operator.reference import reference_markdown
+
+    expected = reference_markdown()
+    assert (ROOT / "docs" / "configuration.md").read_text() == expected, (
+        "docs/configuration.md is stale: run `python -m moe_operator.reference > docs/configuration.md`"
+    )
+    for field in ("spec.router.strategy", "spec.autoscaling.predictive.mode", "spec.runtime.apiKeySecretRef"):
+        assert f"`{field}`" in expected
