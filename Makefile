@@ -58,6 +58,7 @@ demo: venv
 crd: venv
 	$(BIN)/moe-operator crd > crds/moerouter.io_moerouters.yaml
 	cp crds/moerouter.io_moerouters.yaml charts/moe-router-operator/crds/moerouter.io_moerouters.yaml
+	cp crds/moerouter.io_moerouters.yaml config/crd/bases/moerouter.io_moerouters.yaml
 	$(BIN)/python -m moe_operator.reference > docs/configuration.md
 
 bench: venv

@@ -363,15 +363,23 @@ def desired_service_monitor(owner: Owner, spec: MoERouterSpec) -> Manifest:
         spec={
             "selector": {"matchLabels": selector_labels(owner.name)},
             "endpoints": [
-                {"port": PORT_NAME, "path": "/metrics", "interval": spec.monitoring.scrape_interval}
+                {
+                    "port": PORT_NAME,
+                    "path": "/metrics",
+                    "interval": spec.monitoring.scrape_interval,
+                    # The fleet alerts and the dashboard group runtime series by this label.
+                    "relabelings": [
+                        {"sourceLabels": ["__meta_kubernetes_pod_label_moerouter_io_router"], "targetLabel": "moerouter"}
+                    ],
+                }
             ],
         },
     )
 
 
 def desired_prometheus_rule(owner: Owner, spec: MoERouterSpec) -> Manifest:
-    """Alerts scoped to this router's pods (the fleet-wide rules ship with the Helm chart)."""
-    scope = f'namespace="{owner.namespace}",service="{owner.name}"'
+    """Alerts scoped to this router's series; thresholds match the fleet rules in monitoring/rules/."""
+    scope = f'namespace="{owner.namespace}",moerouter="{owner.name}"'
     labels = {"severity": "warning", "moerouter": owner.name}
     rules = [
         {
@@ -383,20 +391,20 @@ def desired_prometheus_rule(owner: Owner, spec: MoERouterSpec) -> Manifest:
             "annotations": {"summary": f"MoERouter {owner.namespace}/{owner.name}: over 5% of requests fail"},
         },
         {
-            "alert": "MoERouterHighLatency",
+            "alert": "MoERouterHighLatencyP95",
             "expr": "histogram_quantile(0.95, sum by (le) "
-            f"(rate(moe_router_request_duration_seconds_bucket{{{scope}}}[5m]))) > 0.25",
+            f"(rate(moe_router_request_duration_seconds_bucket{{{scope}}}[5m]))) > 0.5",
             "for": "10m",
             "labels": labels,
-            "annotations": {"summary": f"MoERouter {owner.namespace}/{owner.name}: p95 latency above 250 ms"},
+            "annotations": {"summary": f"MoERouter {owner.namespace}/{owner.name}: p95 latency above 500 ms"},
         },
         {
             "alert": "MoERouterExpertLoadImbalance",
-            "expr": f"max(moe_router_load_cv{{{scope}}}) > 1",
+            "expr": f"max(moe_router_load_cv{{{scope}}}) > 0.5",
             "for": "15m",
             "labels": labels,
             "annotations": {
-                "summary": f"MoERouter {owner.namespace}/{owner.name}: expert load coefficient of variation > 1"
+                "summary": f"MoERouter {owner.namespace}/{owner.name}: expert load coefficient of variation > 0.5"
             },
         },
     ]
