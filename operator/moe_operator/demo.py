@@ -174,8 +174,9 @@ def route_once(config_yaml: str, workdir: Path) -> None:
 
 def simulate(workdir: Path) -> None:
     OUT.mkdir(exist_ok=True)
-    trace = SHARED_TRACE
+    trace, trace_format = SHARED_TRACE, "counts"
     if not trace.exists():
+        trace_format = "rate"
         trace = workdir / "synthetic-daily.csv"
         seconds = np.arange(0, 4 * 86400, 300)
         noise = np.random.default_rng(1).normal(0, 3, seconds.size)
@@ -184,9 +185,9 @@ def simulate(workdir: Path) -> None:
         trace.write_text("timestamp,value\n" + rows)
     plot = OUT / "demo-simulation.png"
     banner(f"Scaling simulator on {trace.name}: reactive HPA vs predictive floor (startup delay 300 s)")
-    args = [sys.executable, "-m", "moe_operator", "simulate", "--trace", str(trace), "--capacity-per-replica", "1",
-            "--startup-delay", "300", "--target-utilization", "0.7", "--min-replicas", "1", "--max-replicas", "60",
-            "--policy", "both", "--plot", str(plot)]
+    args = [sys.executable, "-m", "moe_operator", "simulate", "--trace", str(trace), "--trace-format", trace_format,
+            "--capacity-per-replica", "0.5", "--startup-delay", "300", "--target-utilization", "0.7",
+            "--min-replicas", "2", "--max-replicas", "80", "--policy", "predictive", "--plot", str(plot)]
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     print(result.stdout.rstrip())
     if result.returncode != 0:

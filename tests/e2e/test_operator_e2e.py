@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+
+from moe_operator.sandbox import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -70,6 +73,7 @@ class Cluster:
         from moe_operator.kube import load_configuration
 
         self.namespace = namespace
+        self.metrics_url = ""
         self.api = client.ApiClient(load_configuration())
         self.dynamic = dynamic.DynamicClient(self.api)
 
@@ -126,10 +130,11 @@ def k8s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     eventually(lambda: _served(cluster), message="the MoERouter CRD is served")
     log_path = tmp_path_factory.mktemp("e2e") / "operator.log"
     env = {**os.environ, "MOE_OPERATOR_RESYNC_SECONDS": "2", "MOE_OPERATOR_RETRY_BASE_SECONDS": "1"}
+    cluster.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "moe_operator", "run", "--namespace", namespace,
-             "--liveness", "", "--metrics-port", "0"],
+             "--liveness", "", "--metrics-port", cluster.metrics_url.split(":")[-1].split("/")[0]],
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
     try:
@@ -187,18 +192,33 @@ def test_3_a_child_deleted_by_hand_is_restored(k8s: Cluster) -> None:
                != old, message="the Service is recreated")
 
 
+def operator_requests(k8s: Cluster) -> dict[str, float]:
+    """The operator's own counter of Kubernetes requests by verb (its /metrics)."""
+    with urllib.request.urlopen(k8s.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("moe_operator_kubernetes_requests_total{"):
+            verb = line.split('verb="')[1].split('"')[0]
+            counts[verb] = counts.get(verb, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 def test_4_steady_state_writes_nothing(k8s: Cluster) -> None:
-    time.sleep(5)
+    time.sleep(5)  # let the status settle
 
     def versions() -> dict[str, str]:
-        kinds = [child for child in CHILDREN if child[1] != "Deployment"]
+        # Kinds no cluster controller writes to: any change would be the operator's.
+        kinds = [child for child in CHILDREN if child[1] in ("ConfigMap", "NetworkPolicy")]
         return {kind: (k8s.get(v, kind, name) or {})["metadata"]["resourceVersion"] for v, kind, name in kinds}
 
-    deployment_generation = (k8s.get("apps/v1", "Deployment", "e2e-router") or {})["metadata"]["generation"]
-    before = versions()
+    before, requests_before = versions(), operator_requests(k8s)
     time.sleep(8)  # four drift resyncs at MOE_OPERATOR_RESYNC_SECONDS=2
+    requests_after = operator_requests(k8s)
     assert versions() == before
-    assert (k8s.get("apps/v1", "Deployment", "e2e-router") or {})["metadata"]["generation"] == deployment_generation
+    assert requests_after.get("get", 0) > requests_before.get("get", 0), "the resyncs ran"
+    for verb in ("patch", "delete"):
+        assert requests_after.get(verb, 0) == requests_before.get(verb, 0), f"{verb} requests during resyncs"
 
 
 def test_5_a_missing_secret_degrades_and_deletes_nothing(k8s: Cluster) -> None:

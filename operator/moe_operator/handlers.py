@@ -1,0 +1,133 @@
+"""kopf wiring only: settings, the MoERouter handlers, the child watches and the timers.
+
+Every handler takes the per-MoERouter lock and calls into ``reconcile``; nothing here computes
+children or status. Timer periods come from the environment so tests can run fast:
+``MOE_OPERATOR_RESYNC_SECONDS`` (drift timer, default 300), ``MOE_OPERATOR_PREDICTIVE_TICK_SECONDS``
+(how often the predictive timer checks whether its per-object interval is due, default 10) and
+``MOE_OPERATOR_WATCH_TIMEOUT_SECONDS`` (server-side watch timeout, default 600) and
+``MOE_OPERATOR_RETRY_BASE_SECONDS`` (first retry delay for a Degraded MoERouter, doubling up to 300).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from moe_operator import api, reconcile
+from moe_operator.children import CONFIG_MAP, DEPLOYMENT, HPA, NETWORK_POLICY, PDB, SERVICE
+from moe_operator.kube import Kube
+from moe_operator.labels import ANNOTATION_PREFIX, FINALIZER, MANAGED_BY_LABEL, OPERATOR_NAME
+
+
+def _seconds(variable: str, default: float) -> float:
+    raw = os.environ.get(variable, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{variable} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{variable} must be positive, got {raw!r}")
+    return value
+
+
+RESYNC_SECONDS = _seconds("MOE_OPERATOR_RESYNC_SECONDS", 300.0)
+PREDICTIVE_TICK_SECONDS = _seconds("MOE_OPERATOR_PREDICTIVE_TICK_SECONDS", 10.0)
+WATCH_TIMEOUT_SECONDS = _seconds("MOE_OPERATOR_WATCH_TIMEOUT_SECONDS", 600.0)
+RETRY_BASE_SECONDS = _seconds("MOE_OPERATOR_RETRY_BASE_SECONDS", 5.0)
+MAX_BACKOFF_SECONDS = 300.0
+
+ROUTERS = (api.GROUP, api.VERSION, api.PLURAL)
+WATCHED_CHILDREN = (CONFIG_MAP, DEPLOYMENT, SERVICE, HPA, NETWORK_POLICY, PDB)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = FINALIZER
+    settings.posting.level = logging.WARNING  # only Warning events: a healthy steady state writes nothing
+    settings.watching.server_timeout = WATCH_TIMEOUT_SECONDS
+    memo.kube = Kube.from_environment()
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    kube = memo.get("kube")
+    if kube is not None:
+        kube.close()
+
+
+def _backoff(retry: int) -> float:
+    return float(min(RETRY_BASE_SECONDS * 2**retry, MAX_BACKOFF_SECONDS))
+
+
+def _report(body: kopf.Body, outcome: reconcile.Outcome) -> None:
+    if outcome.problem is not None and outcome.new_problem:
+        kopf.warn(body, reason=outcome.problem.reason, message=outcome.problem.message)
+
+
+@kopf.on.resume(*ROUTERS)
+@kopf.on.create(*ROUTERS)
+@kopf.on.update(*ROUTERS)
+async def reconcile_router(
+    body: kopf.Body, memo: kopf.Memo, retry: int, reason: str, namespace: str | None, name: str, **_: Any
+) -> None:
+    async with reconcile.lock_for(namespace or "", name):
+        outcome = await reconcile.reconcile(memo.kube, body, trigger=str(reason))
+    _report(body, outcome)
+    if outcome.problem is not None and outcome.invalid_spec:
+        raise kopf.PermanentError(f"{outcome.problem.reason}: {outcome.problem.message}")
+    if outcome.problem is not None:
+        raise kopf.TemporaryError(f"{outcome.problem.reason}: {outcome.problem.message}", delay=_backoff(retry))
+
+
+@kopf.on.delete(*ROUTERS, optional=True)
+async def forget_router(namespace: str | None, name: str, **_: Any) -> None:
+    reconcile.forget(namespace or "", name)  # the children go with the owner references
+
+
+@kopf.timer(*ROUTERS, id="drift", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+async def resync(body: kopf.Body, memo: kopf.Memo, namespace: str | None, name: str, **_: Any) -> None:
+    async with reconcile.lock_for(namespace or "", name):
+        outcome = await reconcile.reconcile(memo.kube, body, trigger="resync")
+    _report(body, outcome)
+
+
+def _predictive_enabled(spec: kopf.Spec, **_: Any) -> bool:
+    autoscaling = spec.get("autoscaling") or {}
+    return bool(autoscaling.get("enabled")) and (autoscaling.get("predictive") or {}).get("mode", "Off") != "Off"
+
+
+@kopf.timer(*ROUTERS, id="predictive", interval=PREDICTIVE_TICK_SECONDS, when=_predictive_enabled)
+async def predictive(body: kopf.Body, memo: kopf.Memo, namespace: str | None, name: str, **_: Any) -> None:
+    now = datetime.now(tz=UTC)
+    if not reconcile.predictive_due(memo, body, now):
+        return
+    async with reconcile.lock_for(namespace or "", name):
+        outcome = await reconcile.predictive_tick(memo.kube, body, memo, now=now)
+    _report(body, outcome)
+
+
+async def on_child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    kube: Kube | None = memo.get("kube")
+    if kube is None:
+        return
+    await reconcile.refresh_from_child(kube, body, deleted=type == "DELETED")
+
+
+for _child in WATCHED_CHILDREN:
+    kopf.on.event(
+        _child.group,
+        _child.version,
+        _child.plural,
+        id=f"watch-{_child.plural}",
+        labels={MANAGED_BY_LABEL: OPERATOR_NAME},
+    )(on_child_event)
+
+del _child

@@ -1,0 +1,459 @@
+"""Level-based reconcile of one MoERouter: desired vs actual, apply only differences, prune, report.
+
+Every entry point (create/update/resume, the drift timer, the child watches, the predictive timer)
+comes through here, serialised per MoERouter by one lock, so they never fight. A reconcile whose
+children and status already match sends no write request at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from moe_operator import api, drift
+from moe_operator.api import MoERouterSpec, SpecError, parse_spec
+from moe_operator.children import (
+    CHILD_RESOURCES,
+    DEPLOYMENT,
+    ChildResource,
+    Owner,
+    config_map_name,
+    desired_children,
+)
+from moe_operator.kube import MOEROUTERS, Kube, KubeError
+from moe_operator.status import DEGRADED, Problem, desired_status, status_patch
+
+RECONCILES = Counter(
+    "moe_operator_reconciles_total", "Reconciles of MoERouters by trigger and result.", ["trigger", "result"]
+)
+CHILD_WRITES = Counter(
+    "moe_operator_child_writes_total", "Children applied or pruned, by kind and action.", ["kind", "action"]
+)
+RECONCILE_SECONDS = Histogram("moe_operator_reconcile_seconds", "Duration of one reconcile.", ["trigger"])
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did; ``problem`` set means the MoERouter is Degraded."""
+
+    applied: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    status_written: bool = False
+    problem: Problem | None = None
+    new_problem: bool = False  # the Degraded reason/message differs from what the status said
+    invalid_spec: bool = False
+
+    @property
+    def writes(self) -> int:
+        return len(self.applied) + len(self.pruned) + int(self.status_written)
+
+
+_locks: collections.defaultdict[tuple[str, str], asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+
+
+#: (kind, namespace, name) -> the resourceVersion of a child last seen in sync (our apply or our check).
+_in_sync: dict[tuple[str, str, str], str] = {}
+
+
+def lock_for(namespace: str, name: str) -> asyncio.Lock:
+    """One lock per MoERouter: reconciles of the same object never interleave."""
+    return _locks[(namespace, name)]
+
+
+def forget(namespace: str, name: str) -> None:
+    _locks.pop((namespace, name), None)
+    for resource in CHILD_RESOURCES:
+        _in_sync.pop((resource.kind, namespace, child_name(resource, name)), None)
+
+
+def _remember(kind: str, obj: Mapping[str, Any] | None) -> None:
+    metadata = (obj or {}).get("metadata") or {}
+    if metadata.get("resourceVersion"):
+        key = (kind, metadata.get("namespace") or "default", metadata.get("name") or "")
+        _in_sync[key] = str(metadata["resourceVersion"])
+
+
+def already_judged(child: Mapping[str, Any]) -> bool:
+    """Whether this exact version of a child was already seen in sync (e.g. the echo of our own apply)."""
+    metadata = child.get("metadata") or {}
+    key = (str(child.get("kind")), metadata.get("namespace") or "default", metadata.get("name") or "")
+    version = metadata.get("resourceVersion")
+    return version is not None and _in_sync.get(key) == str(version)
+
+
+def child_name(resource: ChildResource, router_name: str) -> str:
+    return config_map_name(router_name) if resource.kind == "ConfigMap" else router_name
+
+
+def predictive_floor(spec: MoERouterSpec, status: Mapping[str, Any]) -> int | None:
+    """The minReplicas the predictive controller holds in effect (read back after a restart)."""
+    if not spec.autoscaling.enabled or spec.autoscaling.predictive.mode != "Active":
+        return None
+    prediction = status.get("prediction") or {}
+    value = prediction.get("appliedMinReplicas")
+    return int(value) if isinstance(value, int) else None
+
+
+def _owned_by(obj: Mapping[str, Any], owner: Owner) -> bool:
+    references = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == owner.uid and ref.get("kind") == api.KIND for ref in references)
+
+
+async def check_references(kube: Kube, namespace: str, spec: MoERouterSpec) -> Problem | None:
+    """The Secret keys the spec refers to must exist before pods that need them are rolled."""
+    wanted: list[tuple[str, str, str]] = []  # (field path, secret, key)
+    runtime_ref = spec.runtime.api_key_secret_ref
+    if runtime_ref is not None:
+        wanted.append(("spec.runtime.apiKeySecretRef", runtime_ref.name, runtime_ref.key))
+    predictive = spec.autoscaling.predictive
+    if predictive.mode != "Off" and predictive.prometheus is not None:
+        prometheus = predictive.prometheus
+        base = "spec.autoscaling.predictive.prometheus"
+        if prometheus.bearer_token_secret_ref is not None:
+            ref = prometheus.bearer_token_secret_ref
+            wanted.append((f"{base}.bearerTokenSecretRef", ref.name, ref.key))
+        if prometheus.basic_auth_secret_ref is not None:
+            basic = prometheus.basic_auth_secret_ref
+            wanted.append((f"{base}.basicAuthSecretRef", basic.name, basic.username_key))
+            wanted.append((f"{base}.basicAuthSecretRef", basic.name, basic.password_key))
+        if prometheus.tls.ca_secret_ref is not None:
+            ref = prometheus.tls.ca_secret_ref
+            wanted.append((f"{base}.tls.caSecretRef", ref.name, ref.key))
+    secrets: dict[str, dict[str, str] | None] = {}
+    for path, name, key in wanted:
+        if name not in secrets:
+            secrets[name] = await kube.read_secret(namespace, name)
+        data = secrets[name]
+        if data is None:
+            return Problem("SecretNotFound", f"{path}: Secret {namespace}/{name} does not exist")
+        if key not in data:
+            return Problem("SecretKeyNotFound", f"{path}: Secret {namespace}/{name} has no key {key!r}")
+    return None
+
+
+async def write_status(
+    kube: Kube,
+    body: Mapping[str, Any],
+    *,
+    spec: MoERouterSpec | None,
+    deployment: Mapping[str, Any] | None,
+    problem: Problem | None,
+    now: datetime,
+) -> bool:
+    """Patch the status only where it differs; True when a write was sent."""
+    metadata = body.get("metadata") or {}
+    current = dict(body.get("status") or {})
+    desired = desired_status(
+        name=metadata["name"],
+        spec=spec,
+        generation=metadata.get("generation"),
+        deployment=deployment,
+        current=current,
+        problem=problem,
+        now=now,
+    )
+    patch = status_patch(current, desired)
+    if not patch:
+        return False
+    await kube.patch_status(MOEROUTERS, metadata.get("namespace"), metadata["name"], patch)
+    return True
+
+
+def _degraded(status: Mapping[str, Any]) -> tuple[str, str] | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == DEGRADED and condition.get("status") == "True":
+            return str(condition.get("reason")), str(condition.get("message"))
+    return None
+
+
+async def reconcile(
+    kube: Kube,
+    body: Mapping[str, Any],
+    *,
+    trigger: str,
+    now: datetime | None = None,
+    min_replicas_floor: int | None = None,
+) -> Outcome:
+    """Bring one MoERouter's children and status in line with its spec (``body`` is the MoERouter)."""
+    moment = now or datetime.now(tz=UTC)
+    owner = Owner.from_body(body)
+    status = body.get("status") or {}
+    outcome = Outcome()
+    with RECONCILE_SECONDS.labels(trigger=trigger).time():
+        try:
+            spec = parse_spec(body.get("spec"))
+        except SpecError as exc:
+            # Never touch running children for a spec the schema let through but that cannot work.
+            outcome.problem = Problem("InvalidSpec", str(exc))
+            outcome.invalid_spec = True
+            outcome.new_problem = _degraded(status) != ("InvalidSpec", str(exc))
+            outcome.status_written = await write_status(
+                kube, body, spec=None, deployment=await kube.get(DEPLOYMENT, owner.namespace, owner.name),
+                problem=outcome.problem, now=moment,
+            )
+            RECONCILES.labels(trigger=trigger, result="invalid").inc()
+            return outcome
+
+        problem = await check_references(kube, owner.namespace, spec)
+        deployment: Mapping[str, Any] | None
+        if problem is not None:
+            deployment = await kube.get(DEPLOYMENT, owner.namespace, owner.name)
+        else:
+            floor = min_replicas_floor if min_replicas_floor is not None else predictive_floor(spec, status)
+            deployment, problem = await _apply_children(kube, owner, spec, floor, outcome)
+        outcome.problem = problem
+        if problem is not None:
+            outcome.new_problem = _degraded(status) != (problem.reason, problem.message)
+        outcome.status_written = await write_status(
+            kube, body, spec=spec, deployment=deployment, problem=problem, now=moment
+        )
+    RECONCILES.labels(trigger=trigger, result="degraded" if problem else "ok").inc()
+    if outcome.writes:
+        log.info(
+            "reconciled %s/%s (%s): applied %s, pruned %s, status %s",
+            owner.namespace, owner.name, trigger, outcome.applied or "-", outcome.pruned or "-",
+            "written" if outcome.status_written else "unchanged",
+        )
+    return outcome
+
+
+async def _apply_children(
+    kube: Kube, owner: Owner, spec: MoERouterSpec, floor: int | None, outcome: Outcome
+) -> tuple[Mapping[str, Any] | None, Problem | None]:
+    desired = desired_children(owner, spec, min_replicas_floor=floor)
+    desired_kinds = {child["kind"] for child in desired}
+    resources = {resource.kind: resource for resource in CHILD_RESOURCES}
+    deployment: Mapping[str, Any] | None = None
+    problem: Problem | None = None
+    for child in desired:
+        resource = resources[child["kind"]]
+        name = child["metadata"]["name"]
+        actual = await kube.get(resource, owner.namespace, name)
+        if actual is not None and not _owned_by(actual, owner):
+            problem = Problem(
+                "ChildConflict", f"{child['kind']} {owner.namespace}/{name} exists and is not owned by this MoERouter"
+            )
+            continue
+        reasons = drift.child_drift(child, actual)
+        if reasons:
+            log.debug("%s %s/%s drifted: %s", child["kind"], owner.namespace, name, "; ".join(reasons[:5]))
+            try:
+                actual = await kube.apply(resource, drift.stamped(child))
+            except KubeError as exc:
+                if exc.status == 404 and resource.group == "monitoring.coreos.com":
+                    problem = Problem(
+                        "PrometheusOperatorMissing",
+                        f"spec.monitoring asks for a {child['kind']} but its CRD is not installed",
+                    )
+                    continue
+                if exc.status in (400, 403, 422):
+                    problem = Problem("ApplyRejected", f"{child['kind']} {name}: {exc.reason}: {exc.message}")
+                    continue
+                raise
+            outcome.applied.append(f"{child['kind']}/{name}")
+            CHILD_WRITES.labels(kind=child["kind"], action="apply").inc()
+        _remember(child["kind"], actual)
+        if resource == DEPLOYMENT:
+            deployment = actual
+    for resource in CHILD_RESOURCES:
+        if resource.kind in desired_kinds:
+            continue
+        name = child_name(resource, owner.name)
+        try:
+            stale = await kube.get(resource, owner.namespace, name)
+        except KubeError as exc:
+            if exc.status in (403, 404):  # a kind whose CRD is absent has nothing to prune
+                continue
+            raise
+        if stale is not None and _owned_by(stale, owner) and await kube.delete(resource, owner.namespace, name):
+            outcome.pruned.append(f"{resource.kind}/{name}")
+            CHILD_WRITES.labels(kind=resource.kind, action="prune").inc()
+    return deployment, problem
+
+
+async def refresh_from_child(kube: Kube, child: Mapping[str, Any], *, deleted: bool) -> Outcome | None:
+    """A child changed or vanished: restore it if it drifted, refresh status if it is the Deployment.
+
+    Returns None when the child has no live MoERouter owner.
+    """
+    metadata = child.get("metadata") or {}
+    namespace = metadata.get("namespace") or "default"
+    if not deleted and already_judged(child):
+        return Outcome()
+    reference = next(
+        (ref for ref in metadata.get("ownerReferences") or [] if ref.get("kind") == api.KIND and ref.get("controller")),
+        None,
+    )
+    if reference is None:
+        return None
+    async with lock_for(namespace, reference["name"]):
+        owner_body = await kube.get(MOEROUTERS, namespace, reference["name"])
+        if owner_body is None or (owner_body.get("metadata") or {}).get("uid") != reference.get("uid"):
+            return None
+        if (owner_body.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        try:
+            spec = parse_spec(owner_body.get("spec"))
+        except SpecError:
+            return None  # the owner's own handlers report an invalid spec
+        owner = Owner.from_body(owner_body)
+        floor = predictive_floor(spec, owner_body.get("status") or {})
+        wanted = next(
+            (
+                candidate
+                for candidate in desired_children(owner, spec, min_replicas_floor=floor)
+                if candidate["kind"] == child.get("kind") and candidate["metadata"]["name"] == metadata.get("name")
+            ),
+            None,
+        )
+        resource = next((r for r in CHILD_RESOURCES if r.kind == child.get("kind")), None)
+        if resource is None:
+            return Outcome()
+        # Events can queue up behind others: judge the child as it is now, not as the event saw it.
+        current = None if deleted else await kube.get(resource, namespace, str(metadata.get("name")))
+        if current is None or (wanted is not None and drift.child_drift(wanted, current)):
+            return await reconcile(kube, owner_body, trigger="child")
+        _remember(resource.kind, current)
+        if resource == DEPLOYMENT:
+            outcome = Outcome()
+            problem = await check_references(kube, namespace, spec)
+            outcome.status_written = await write_status(
+                kube, owner_body, spec=spec, deployment=current, problem=problem, now=datetime.now(tz=UTC)
+            )
+            return outcome
+        return Outcome()
+
+
+# --- predictive scaling --------------------------------------------------------------------------
+
+PREDICTIVE_LAST_TICK = "predictive_last_tick"
+PREDICTIVE_STATE = "predictive_state"
+
+
+def predictive_due(memo: Any, body: Mapping[str, Any], now: datetime) -> bool:
+    """Whether this MoERouter's own interval (spec...predictive.intervalSeconds) has elapsed."""
+    predictive = ((body.get("spec") or {}).get("autoscaling") or {}).get("predictive") or {}
+    interval = float(predictive.get("intervalSeconds") or 60)
+    last: datetime | None = memo.get(PREDICTIVE_LAST_TICK)
+    return last is None or (now - last).total_seconds() >= interval
+
+
+async def resolve_prometheus_auth(kube: Kube, namespace: str, spec: MoERouterSpec) -> tuple[Any, Problem | None]:
+    """The scaling controller's PrometheusAuth from the referenced Secrets, or the problem with them."""
+    from moe_operator.scaling.prometheus import PrometheusAuth
+
+    prometheus = spec.autoscaling.predictive.prometheus
+    problem = await check_references(kube, namespace, spec)
+    if prometheus is None or problem is not None:
+        return None, problem
+
+    async def value(name: str, key: str) -> str:
+        data = await kube.read_secret(namespace, name)
+        return (data or {})[key]
+
+    bearer = basic_user = basic_password = ca_pem = None
+    if prometheus.bearer_token_secret_ref is not None:
+        ref = prometheus.bearer_token_secret_ref
+        bearer = (await value(ref.name, ref.key)).strip()
+    if prometheus.basic_auth_secret_ref is not None:
+        basic = prometheus.basic_auth_secret_ref
+        basic_user = await value(basic.name, basic.username_key)
+        basic_password = await value(basic.name, basic.password_key)
+    if prometheus.tls.ca_secret_ref is not None:
+        ref = prometheus.tls.ca_secret_ref
+        ca_pem = await value(ref.name, ref.key)
+    auth = PrometheusAuth(
+        bearer_token=bearer,
+        username=basic_user,
+        password=basic_password,
+        ca_pem=ca_pem,
+        insecure_skip_verify=prometheus.tls.insecure_skip_verify,
+    )
+    return auth, None
+
+
+def _wire(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if hasattr(value, "to_wire"):
+        return dict(value.to_wire())
+    if hasattr(value, "model_dump"):
+        return dict(value.model_dump(by_alias=True, exclude_none=True, mode="json"))
+    return {key: item for key, item in dict(value).items() if item is not None}
+
+
+def _without_timestamp(prediction: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in prediction.items() if key != "updatedAt"}
+
+
+async def predictive_tick(kube: Kube, body: Mapping[str, Any], memo: Any, *, now: datetime) -> Outcome:
+    """One forecast: status.prediction and PredictionReady, and in Active mode the HPA's minReplicas.
+
+    The prediction is written only when something but its timestamp changed; ``appliedMinReplicas``
+    is the floor every reconcile passes to the HPA builder, so reconcile and this timer agree.
+    """
+    from moe_operator.scaling.controller import PredictiveState, run_tick
+    from moe_operator.status import PREDICTION_READY, set_condition
+
+    outcome = Outcome()
+    memo[PREDICTIVE_LAST_TICK] = now
+    metadata = body.get("metadata") or {}
+    namespace, name = metadata.get("namespace") or "default", metadata["name"]
+    try:
+        spec = parse_spec(body.get("spec"))
+    except SpecError:
+        return outcome  # reported by the reconcile handlers
+    current = dict(body.get("status") or {})
+    conditions = [dict(condition) for condition in current.get("conditions") or []]
+    auth, problem = await resolve_prometheus_auth(kube, namespace, spec)
+    prediction = dict(current.get("prediction") or {})
+    floor: int | None = None
+    if problem is not None:
+        outcome.problem = problem
+        previous = next((c for c in conditions if c.get("type") == PREDICTION_READY), {})
+        outcome.new_problem = (previous.get("reason"), previous.get("message")) != (problem.reason, problem.message)
+        conditions = set_condition(
+            conditions, type=PREDICTION_READY, status="False", reason=problem.reason,
+            message=problem.message, generation=metadata.get("generation"), now=now,
+        )
+        floor = predictive_floor(spec, current)
+    else:
+        state = memo.get(PREDICTIVE_STATE)
+        if state is None:
+            state = memo[PREDICTIVE_STATE] = PredictiveState()
+        result = await run_tick(spec, name=name, namespace=namespace, state=state, now=now, auth=auth)
+        fresh = _wire(result.prediction)
+        if spec.autoscaling.predictive.mode == "Active" and result.min_replicas is not None:
+            floor = int(result.min_replicas)
+            fresh["appliedMinReplicas"] = floor
+        else:
+            fresh.pop("appliedMinReplicas", None)
+        if _without_timestamp(fresh) != _without_timestamp(prediction):
+            prediction = fresh
+        conditions = set_condition(
+            conditions, type=PREDICTION_READY, status=str(result.condition_status),
+            reason=str(result.condition_reason), message=str(result.condition_message),
+            generation=metadata.get("generation"), now=now,
+        )
+    desired = {**current, "conditions": conditions}
+    if prediction:
+        desired["prediction"] = prediction
+    patch = status_patch(current, desired)
+    if patch:
+        await kube.patch_status(MOEROUTERS, namespace, name, patch)
+        outcome.status_written = True
+    if floor is not None and floor != predictive_floor(spec, current):
+        applied = await reconcile(
+            kube, {**body, "status": desired}, trigger="predictive", now=now, min_replicas_floor=floor
+        )
+        outcome.applied, outcome.pruned = applied.applied, applied.pruned
+    return outcome
