@@ -66,10 +66,12 @@ OPERATOR_CALLS = {
     *{("moerouter.io", "moerouters/status", verb) for verb in ("get", "patch")},
     *{
         (group, resource, verb)
+        for group, resource in (("", "configmaps"), ("", "services"), ("apps", "deployments"))
+        for verb in ("get", "list", "watch", "create", "patch")
+    },
+    *{
+        (group, resource, verb)
         for group, resource in (
-            ("", "configmaps"),
-            ("", "services"),
-            ("apps", "deployments"),
             ("autoscaling", "horizontalpodautoscalers"),
             ("networking.k8s.io", "networkpolicies"),
             ("policy", "poddisruptionbudgets"),
@@ -78,7 +80,6 @@ OPERATOR_CALLS = {
     },
     ("", "secrets", "get"),
     ("", "events", "create"),
-    ("", "events", "patch"),
 }
 CRD_WATCH = {("apiextensions.k8s.io", "customresourcedefinitions", verb) for verb in ("list", "watch")}
 MONITORING = {
