@@ -369,7 +369,10 @@ def desired_service_monitor(owner: Owner, spec: MoERouterSpec) -> Manifest:
                     "interval": spec.monitoring.scrape_interval,
                     # The fleet alerts and the dashboard group runtime series by this label.
                     "relabelings": [
-                        {"sourceLabels": ["__meta_kubernetes_pod_label_moerouter_io_router"], "targetLabel": "moerouter"}
+                        {
+                            "sourceLabels": ["__meta_kubernetes_pod_label_moerouter_io_router"],
+                            "targetLabel": "moerouter",
+                        }
                     ],
                 }
             ],

@@ -28,6 +28,7 @@ from moe_operator.children import (
     desired_children,
 )
 from moe_operator.kube import MOEROUTERS, Kube, KubeError
+from moe_operator.scaling.metrics import scaling_metrics
 from moe_operator.status import DEGRADED, Problem, desired_status, status_patch
 
 RECONCILES = Counter(
@@ -70,7 +71,9 @@ def lock_for(namespace: str, name: str) -> asyncio.Lock:
 
 
 def forget(namespace: str, name: str) -> None:
+    """Drop what the process remembers about a deleted MoERouter (locks, sync marks, metric series)."""
     _locks.pop((namespace, name), None)
+    scaling_metrics().forget(namespace, name)
     for resource in CHILD_RESOURCES:
         _in_sync.pop((resource.kind, namespace, child_name(resource, name)), None)
 

@@ -33,7 +33,7 @@ OPERATOR_METRICS = {
     "moe_operator_predicted_load",
     "moe_operator_recommended_replicas",
     "moe_operator_backtest_error",
-    "moe_operator_prometheus_query_seconds",
+    "moe_operator_prometheus_query_duration_seconds",
     "moe_operator_prometheus_query_failures_total",
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")

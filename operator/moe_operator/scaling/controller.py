@@ -1,0 +1,257 @@
+"""The predictive timer's work for one MoERouter: fetch, forecast, recommend, hold the floor.
+
+``run_tick`` never raises for Prometheus faults or bad data: it returns the ``PredictionReady``
+condition to report and, in Active mode, the HPA minReplicas to hold (the last good floor during the
+grace period, then a decay to ``autoscaling.minReplicas``). The handler writes the status and
+patches the HPA; this module does no Kubernetes I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from moe_operator.api import MoERouterSpec, PredictionStatus
+from moe_operator.scaling.forecast import (
+    CONFIRMATION_SECONDS,
+    ForecastError,
+    Grid,
+    ModelChoice,
+    Seasonality,
+    forecast_peak,
+    select_model,
+)
+from moe_operator.scaling.metrics import ScalingMetrics, scaling_metrics
+from moe_operator.scaling.policy import (
+    REFIT_SECONDS,
+    FloorMemory,
+    FloorSettings,
+    default_horizon_seconds,
+    floor_on_failure,
+    floor_on_success,
+    floor_recommendation,
+)
+from moe_operator.scaling.prometheus import (
+    NO_DATA,
+    UNAVAILABLE,
+    PrometheusAuth,
+    PrometheusQueryError,
+    RangeResult,
+    default_query,
+    fetch_range,
+)
+
+logger = logging.getLogger(__name__)
+
+FORECASTING = "Forecasting"
+INSUFFICIENT_HISTORY = "InsufficientHistory"
+FORECAST_FAILED = "ForecastFailed"
+PREDICTION_OFF = "PredictionOff"
+#: History whose newest sample is older than this many steps (and at least 5 min) is stale.
+STALE_STEPS = 5
+STALE_MIN_SECONDS = 300.0
+#: Extra seconds the awaiting side allows beyond the HTTP timeout before giving up on the thread.
+FETCH_GUARD_SECONDS = 5.0
+
+
+@dataclass
+class PredictiveState:
+    """Per-MoERouter memory between ticks (create one per MoERouter; default-constructible)."""
+
+    floor: FloorMemory = field(default_factory=FloorMemory)
+    choice: ModelChoice | None = None
+    choice_at: float | None = None
+    #: The settings the cached choice was made for; a spec change forces a new backtest.
+    choice_key: tuple[float, int, str, float] | None = None
+    consecutive_failures: int = 0
+    last_prediction: PredictionStatus | None = None
+
+
+@dataclass(frozen=True)
+class TickResult:
+    prediction: PredictionStatus | None
+    condition_status: str
+    condition_reason: str
+    condition_message: str
+    min_replicas: int | None
+
+
+def _rfc3339(moment: float) -> str:
+    return datetime.fromtimestamp(moment, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _floor_settings(spec: MoERouterSpec) -> FloorSettings:
+    auto = spec.autoscaling
+    pred = auto.predictive
+    return FloorSettings(
+        min_replicas=auto.min_replicas,
+        max_replicas=auto.max_replicas,
+        stabilization_seconds=pred.scale_down_stabilization_seconds,
+        grace_period_seconds=pred.grace_period_seconds,
+        # The decay after the grace period is as gradual as a scale-down through the window.
+        decay_seconds=max(pred.scale_down_stabilization_seconds, pred.interval_seconds),
+    )
+
+
+def usable_history(result: RangeResult, now: float) -> np.ndarray:
+    """The fetched samples from the first real one on (NaN marks gaps); raises on stale data."""
+    finite = np.flatnonzero(np.isfinite(result.values))
+    newest = result.start + float(finite[-1]) * result.step
+    stale_after = max(STALE_STEPS * result.step, STALE_MIN_SECONDS)
+    if now - newest > stale_after:
+        raise PrometheusQueryError(
+            NO_DATA, f"the newest sample is {now - newest:.0f} s old (more than {stale_after:.0f} s): stale data"
+        )
+    return np.asarray(result.values[int(finite[0]) :], dtype=np.float64)
+
+
+async def run_tick(
+    spec: MoERouterSpec, *, name: str, namespace: str, state: PredictiveState, now: datetime,
+    auth: PrometheusAuth | None, metrics: ScalingMetrics | None = None,
+) -> TickResult:
+    """One tick of the predictive controller (see the module docstring)."""
+    metrics = metrics or scaling_metrics()
+    pred = spec.autoscaling.predictive
+    if pred.mode == "Off" or pred.prometheus is None or pred.capacity_per_replica is None:
+        return TickResult(None, "False", PREDICTION_OFF, "autoscaling.predictive.mode is Off", None)
+    active = pred.mode == "Active" and spec.autoscaling.enabled
+    moment = now.timestamp()
+    settings = _floor_settings(spec)
+    horizon = default_horizon_seconds(pred.horizon_seconds, spec.runtime.startup_seconds)
+    grid = Grid.of(pred.step_seconds, horizon, lead_seconds=spec.runtime.startup_seconds)
+    query = pred.prometheus.query or default_query(name, namespace)
+    labels = (namespace, name)
+
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(pred.prometheus.timeout_seconds + FETCH_GUARD_SECONDS):
+            result = await asyncio.to_thread(
+                fetch_range, pred.prometheus.url, query, end=moment, lookback_seconds=pred.lookback_seconds,
+                step_seconds=pred.step_seconds, timeout_seconds=pred.prometheus.timeout_seconds, auth=auth,
+            )
+        metrics.query_seconds.labels(*labels).observe(time.perf_counter() - started)
+        history = usable_history(result, moment)
+    except PrometheusQueryError as exc:
+        return _failure(state, moment, exc.reason, exc.message, active, settings, metrics, labels)
+    except TimeoutError:
+        message = f"no answer from Prometheus within {pred.prometheus.timeout_seconds:g} s"
+        return _failure(state, moment, UNAVAILABLE, message, active, settings, metrics, labels)
+    except Exception as exc:  # a fault of the client library must never stop the timer
+        logger.exception("Prometheus query for %s/%s failed unexpectedly", namespace, name)
+        message = f"unexpected error querying Prometheus: {type(exc).__name__}: {exc}"
+        return _failure(state, moment, UNAVAILABLE, message, active, settings, metrics, labels)
+
+    state.consecutive_failures = 0
+    if history.size < grid.min_history:
+        have = history.size * pred.step_seconds / 60.0
+        need = grid.min_history * pred.step_seconds / 60.0
+        applied = floor_on_success(state.floor, moment, settings.min_replicas, settings)
+        prediction = PredictionStatus(
+            horizon_seconds=horizon, model=None, updated_at=_rfc3339(moment),
+            applied_min_replicas=applied if active else None,
+        )
+        state.last_prediction = prediction
+        message = f"{have:.0f} min of history; forecasting starts after {need:.0f} min (no floor until then)"
+        return TickResult(prediction, "False", INSUFFICIENT_HISTORY, message, applied if active else None)
+
+    try:
+        choice = _current_choice(state, history, grid, pred.seasonality, settings.stabilization_seconds, moment)
+        predicted = float(forecast_peak(history, grid, choice)[0])
+    except ForecastError as exc:
+        return _failure(state, moment, FORECAST_FAILED, str(exc), active, settings, metrics, labels)
+
+    recommendation = floor_recommendation(
+        predicted, choice.uses_floor, pred.capacity_per_replica, pred.target_utilization,
+        settings.min_replicas, settings.max_replicas,
+    )
+    applied = floor_on_success(state.floor, moment, recommendation, settings)
+    prediction = PredictionStatus(
+        predicted_load=round(predicted, 6), horizon_seconds=horizon, recommended_replicas=recommendation,
+        applied_min_replicas=applied if active else None, model=choice.model,
+        backtest_error=round(choice.error, 6), updated_at=_rfc3339(moment),
+    )
+    state.last_prediction = prediction
+    metrics.predicted_load.labels(*labels).set(predicted)
+    metrics.recommended_replicas.labels(*labels).set(recommendation)
+    metrics.backtest_error.labels(*labels).set(choice.error)
+    if active:
+        metrics.applied_min_replicas.labels(*labels).set(applied)
+    if choice.uses_floor:
+        message = (
+            f"{choice.model}: peak {predicted:.4g} requests/s within {horizon} s -> {recommendation} replicas "
+            f"(backtest error {choice.error:.3f}, reactive {choice.baseline_error:.3f})"
+        )
+    elif choice.pending is not None:
+        message = (
+            f"{choice.pending} beat reactive scaling in this backtest but not in the one "
+            f"{CONFIRMATION_SECONDS // 3600} h ago: no floor until it is confirmed"
+        )
+    else:
+        message = (
+            f"no forecaster beat reactive scaling in the backtest (error {choice.error:.3f}): "
+            "no floor above minReplicas"
+        )
+    if pred.mode == "Active" and not active:
+        message += "; autoscaling.enabled is false, so there is no HPA to hold the floor on"
+    return TickResult(prediction, "True", FORECASTING, message, applied if active else None)
+
+
+def _current_choice(
+    state: PredictiveState, history: np.ndarray, grid: Grid, seasonality: Seasonality, hold: float, now: float
+) -> ModelChoice:
+    key = (grid.step_seconds, grid.horizon, seasonality, hold)
+    fresh = (
+        state.choice is not None
+        and state.choice_key == key
+        and state.choice_at is not None
+        and 0 <= now - state.choice_at < REFIT_SECONDS
+    )
+    if fresh and state.choice is not None:
+        return state.choice
+    choice = select_model(history, grid, seasonality, floor_hold_seconds=hold)
+    state.choice, state.choice_at, state.choice_key = choice, now, key
+    return choice
+
+
+def _failure(
+    state: PredictiveState, now: float, reason: str, message: str, active: bool,
+    settings: FloorSettings, metrics: ScalingMetrics, labels: tuple[str, str],
+) -> TickResult:
+    state.consecutive_failures += 1
+    metrics.query_failures.labels(*labels, reason).inc()
+    applied = floor_on_failure(state.floor, now, settings)
+    if active:
+        metrics.applied_min_replicas.labels(*labels).set(applied)
+    if state.floor.last_good_at is None:
+        holding = f"minReplicas stays at {applied}"
+    else:
+        grace_end = state.floor.last_good_at + settings.grace_period_seconds
+        if now <= grace_end:
+            holding = f"keeping minReplicas {applied} from the last good forecast until {_rfc3339(grace_end)}"
+        elif applied > settings.min_replicas:
+            holding = f"grace period over: minReplicas decaying, now {applied}"
+        else:
+            holding = f"grace period over: minReplicas back to {applied}"
+    prediction = None
+    if state.last_prediction is not None:
+        prediction = state.last_prediction.model_copy(
+            update={"applied_min_replicas": applied if active else None}
+        )
+        state.last_prediction = prediction
+    failures = f"{state.consecutive_failures} failed tick{'s' if state.consecutive_failures != 1 else ''}"
+    status_message = f"{message}; {holding} ({failures})"
+    return TickResult(prediction, "False", reason, status_message, applied if active else None)
+
+
+def horizon_of(spec: MoERouterSpec) -> int:
+    """The forecast horizon in force for a spec (for the handler's printer columns and docs)."""
+    pred = spec.autoscaling.predictive
+    return default_horizon_seconds(pred.horizon_seconds, spec.runtime.startup_seconds)
+
+
+__all__ = ["PredictiveState", "TickResult", "horizon_of", "run_tick", "usable_history"]

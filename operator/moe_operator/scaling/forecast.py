@@ -1,0 +1,418 @@
+"""Forecasters of the peak request rate over a horizon, and the rolling-origin backtest that picks one.
+
+Pure numpy: no I/O, no clocks. A series is a 1-D array ``y`` of request rates on a regular grid of
+``step`` seconds; ``y[i]`` is the mean rate over step ``i``. Every function is vectorised over
+*origins*: origin ``o`` means exactly ``y[:o]`` is known, and the quantity forecast is the peak of the
+next ``h`` samples, ``max(y[o:o + h])``. The live controller calls them with the single origin
+``len(y)``; the simulator calls the same functions with many origins at once.
+
+Models (each a point forecast of that peak, then scaled to an upper quantile by its own backtest):
+
+- ``seasonal-daily`` / ``seasonal-weekly``: the peak of the same horizon one, two, ... periods ago,
+  rescaled by how today's recent level compares with the level then; median over the periods.
+- ``local-trend``: least-squares line through the recent window, extrapolated over the horizon.
+- ``recent-peak``: the peak of the recent window (for bursty traffic that repeats its bursts).
+
+Each model's upper quantile comes from its own backtest (the factor that makes it cover the actual
+peak at ``quantile`` of the origins: the pinball-loss optimum among its rescalings, so
+under-forecasting costs ``quantile / (1 - quantile)`` times over-forecasting). The choice is per
+series: the model whose floor leaves the least demand uncovered *at equal average capacity* with
+reactive scaling (which could equally buy that capacity with a lower target), cross-validated, with
+a confidence bound, and confirmed on the history of six hours earlier; a series where no model does
+confidently better gets no forecast floor (``REACTIVE``): the forecaster knows when not to trust
+itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+Seasonality = Literal["auto", "daily", "weekly", "none"]
+
+DAY_SECONDS = 86400
+WEEK_SECONDS = 7 * DAY_SECONDS
+
+#: The chosen "model" when no forecaster beats the reactive baseline: no floor at all.
+REACTIVE = "reactive"
+SEASONAL_DAILY = "seasonal-daily"
+SEASONAL_WEEKLY = "seasonal-weekly"
+LOCAL_TREND = "local-trend"
+RECENT_PEAK = "recent-peak"
+MODELS = (SEASONAL_DAILY, SEASONAL_WEEKLY, LOCAL_TREND, RECENT_PEAK)
+
+#: Upper quantile forecast and the asymmetry of the loss (under-forecasting costs 9x over-forecasting).
+DEFAULT_QUANTILE = 0.9
+#: Periods a seasonal model looks back over (median of these); more smooths anomalies, fewer adapt faster.
+MAX_SEASONAL_PERIODS = {SEASONAL_DAILY: 3, SEASONAL_WEEKLY: 2}
+#: A seasonal level ratio outside [1/x, x] is a regime change the seasonal shape says nothing about.
+MAX_LEVEL_RATIO = 3.0
+#: The recent window (level, trend, peak) spans at least this long, and at least two horizons.
+RECENT_WINDOW_SECONDS = 3600
+#: Backtest origins: every step of this much recent history (consecutive, so holds can be replayed),
+#: cut into this many folds for cross-validation.
+BACKTEST_SPAN_SECONDS = 4 * DAY_SECONDS
+BACKTEST_FOLDS = 4
+#: Trust must persist: a model gets a floor only if it also passes on the history of this long ago.
+CONFIRMATION_SECONDS = 6 * 3600
+#: How long the HPA keeps its highest recommendation (scale-down stabilisation) and the floor its own.
+REACTIVE_HOLD_SECONDS = 300.0
+FLOOR_HOLD_SECONDS = 600.0
+#: Fewest backtest origins that make a choice meaningful.
+MIN_BACKTEST_ORIGINS = 30
+#: One-sided Student t quantiles (BACKTEST_FOLDS - 1 = 3 degrees of freedom) at 99% confidence with a
+#: Bonferroni correction for the number of models compared: a model is trusted only when the upper
+#: confidence bound of its pooled fold score is below 1 (better than reactive), so picking the best of
+#: several noisy candidates does not by itself produce a winner.
+CONFIDENCE_T = {1: 4.541, 2: 5.841, 3: 6.741, 4: 7.453}
+
+
+class ForecastError(ValueError):
+    """Input a forecaster cannot use; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Sizes (in samples) derived from the step and the horizon."""
+
+    step_seconds: float
+    horizon: int
+    window: int
+    #: Samples until capacity asked for now is ready (the pod startup): what a decision can still change.
+    lead: int = 0
+
+    @classmethod
+    def of(cls, step_seconds: float, horizon_seconds: float, lead_seconds: float = 0.0) -> Grid:
+        if not step_seconds > 0 or not math.isfinite(step_seconds):
+            raise ForecastError(f"step must be a positive number of seconds, got {step_seconds!r}")
+        if not horizon_seconds > 0 or not math.isfinite(horizon_seconds):
+            raise ForecastError(f"horizon must be a positive number of seconds, got {horizon_seconds!r}")
+        horizon = max(1, math.ceil(horizon_seconds / step_seconds))
+        window = max(2 * horizon, math.ceil(RECENT_WINDOW_SECONDS / step_seconds), 2)
+        lead = min(horizon - 1, max(0, math.floor(lead_seconds / step_seconds)))
+        return cls(step_seconds=float(step_seconds), horizon=horizon, window=window, lead=lead)
+
+    def period(self, model: str) -> int:
+        seconds = DAY_SECONDS if model == SEASONAL_DAILY else WEEK_SECONDS
+        return max(1, round(seconds / self.step_seconds))
+
+    @property
+    def min_history(self) -> int:
+        """Samples needed before any model can be backtested."""
+        return self.window + self.horizon + MIN_BACKTEST_ORIGINS
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The outcome of a backtest: which model, its quantile scale, its periods and its error."""
+
+    model: str
+    factor: float
+    periods: int
+    error: float
+    baseline_error: float
+    origins: int
+    #: A model that passed the backtest now but not on the history of CONFIRMATION_SECONDS ago.
+    pending: str | None = None
+
+    @property
+    def uses_floor(self) -> bool:
+        return self.model != REACTIVE
+
+
+def fill_gaps(values: Sequence[float] | FloatArray) -> FloatArray:
+    """Forward-fill NaN and infinite samples (a gap holds the last rate); leading gaps take the first value.
+
+    Negative rates (counter resets seen through ``rate`` never give them, but a user query might) are
+    clipped to zero. Raises ForecastError when no sample is finite.
+    """
+    y = np.asarray(values, dtype=np.float64).copy()
+    if y.ndim != 1:
+        raise ForecastError(f"a series must be one-dimensional, got shape {y.shape}")
+    finite = np.isfinite(y)
+    if not finite.any():
+        raise ForecastError("the series has no finite sample")
+    index = np.where(finite, np.arange(y.size), 0)
+    np.maximum.accumulate(index, out=index)
+    first = int(np.argmax(finite))
+    index[:first] = first
+    return np.clip(y[index], 0.0, None)
+
+
+def _gather(y: FloatArray, starts: IntArray, width: int) -> FloatArray:
+    """Rows ``y[s:s + width]`` for each start (only the samples a forecast reads, never the whole series)."""
+    return np.asarray(y[starts[:, None] + np.arange(width)], dtype=np.float64)
+
+
+def _window_mean(csum: FloatArray, ends: IntArray, width: int) -> FloatArray:
+    """Mean of ``y[e - width:e]`` from the running sum ``csum = [0, cumsum(y)]``."""
+    return np.asarray((csum[ends] - csum[ends - width]) / width, dtype=np.float64)
+
+
+def future_peak(y: FloatArray, origins: IntArray, horizon: int) -> FloatArray:
+    """``max(y[o:o + horizon])`` for each origin: what actually happened (origins need o + horizon <= len)."""
+    return np.asarray(_gather(y, origins, horizon).max(axis=1), dtype=np.float64)
+
+
+def _seasonal(y: FloatArray, origins: IntArray, grid: Grid, period: int, periods: int) -> FloatArray:
+    csum = np.concatenate(([0.0], np.cumsum(y)))
+    level_now = _window_mean(csum, origins, grid.window)
+    estimates = []
+    for k in range(1, periods + 1):
+        past = origins - k * period
+        level_then = _window_mean(csum, past, grid.window)
+        ratio = np.where(level_then > 0, level_now / np.maximum(level_then, 1e-12), 1.0)
+        ratio = np.clip(ratio, 1.0 / MAX_LEVEL_RATIO, MAX_LEVEL_RATIO)
+        estimates.append(future_peak(y, past, grid.horizon) * ratio)
+    return np.asarray(np.median(np.stack(estimates), axis=0), dtype=np.float64)
+
+
+def _local_trend(y: FloatArray, origins: IntArray, grid: Grid) -> FloatArray:
+    width = grid.window
+    rows = _gather(y, origins - width, width)
+    x = np.arange(width, dtype=np.float64) - (width - 1) / 2.0
+    slope = rows @ x / float(x @ x)
+    last = rows.mean(axis=1) + slope * (width - 1) / 2.0
+    end = last + slope * grid.horizon
+    return np.asarray(np.clip(np.maximum(last, end), 0.0, None), dtype=np.float64)
+
+
+def _recent_peak(y: FloatArray, origins: IntArray, grid: Grid) -> FloatArray:
+    return np.asarray(_gather(y, origins - grid.window, grid.window).max(axis=1), dtype=np.float64)
+
+
+def persistence(y: FloatArray, origins: IntArray) -> FloatArray:
+    """The last known rate: what a reactive autoscaler acts on."""
+    return np.asarray(y[origins - 1], dtype=np.float64)
+
+
+def point_forecast(model: str, y: FloatArray, origins: IntArray, grid: Grid, periods: int = 1) -> FloatArray:
+    """Point forecast of ``max(y[o:o + horizon])`` from ``y[:o]`` for each origin (gap-free ``y``)."""
+    origins = np.asarray(origins, dtype=np.int64)
+    if origins.size and int(origins.min()) < earliest_origin(model, grid, periods):
+        raise ForecastError(f"{model} needs {earliest_origin(model, grid, periods)} samples of history")
+    if model in (SEASONAL_DAILY, SEASONAL_WEEKLY):
+        return _seasonal(y, origins, grid, grid.period(model), periods)
+    if model == LOCAL_TREND:
+        return _local_trend(y, origins, grid)
+    if model == RECENT_PEAK:
+        return _recent_peak(y, origins, grid)
+    raise ForecastError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+
+
+def earliest_origin(model: str, grid: Grid, periods: int = 1) -> int:
+    """The first origin at which ``model`` has all the history it reads."""
+    if model in (SEASONAL_DAILY, SEASONAL_WEEKLY):
+        return periods * grid.period(model) + grid.window
+    return grid.window
+
+
+def pinball_loss(actual: FloatArray, forecast: FloatArray, quantile: float) -> float:
+    """Mean quantile (pinball) loss: under-forecasts weigh ``quantile``, over-forecasts ``1 - quantile``."""
+    diff = actual - forecast
+    return float(np.mean(np.maximum(quantile * diff, (quantile - 1.0) * diff)))
+
+
+def quantile_factor(actual: FloatArray, point: FloatArray, quantile: float) -> float:
+    """The multiplier that makes ``factor * point`` cover ``actual`` with probability ``quantile``."""
+    usable = point > 0
+    if not usable.any():
+        return 1.0
+    return float(np.quantile(actual[usable] / point[usable], quantile))
+
+
+def candidate_models(seasonality: Seasonality) -> tuple[str, ...]:
+    if seasonality == "daily":
+        return (SEASONAL_DAILY, LOCAL_TREND, RECENT_PEAK)
+    if seasonality == "weekly":
+        return (SEASONAL_WEEKLY, LOCAL_TREND, RECENT_PEAK)
+    if seasonality == "none":
+        return (LOCAL_TREND, RECENT_PEAK)
+    return MODELS
+
+
+def backtest_origins(n: int, grid: Grid, earliest: int) -> IntArray:
+    """Rolling origins over the recent part of ``n`` samples whose outcome is known."""
+    last = n - grid.horizon
+    first = max(earliest, last - math.ceil(BACKTEST_SPAN_SECONDS / grid.step_seconds))
+    if last < first:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(first, last + 1, dtype=np.int64)
+
+
+def rolling_max(values: FloatArray, width: int) -> FloatArray:
+    """``max(values[i - width + 1 : i + 1])`` for each i (shorter at the start)."""
+    if width <= 1 or values.size == 0:
+        return values.copy()
+    padded = np.concatenate((np.full(width - 1, -np.inf), values))
+    return np.asarray(np.lib.stride_tricks.sliding_window_view(padded, width).max(axis=1), dtype=np.float64)
+
+
+def select_model(
+    values: Sequence[float] | FloatArray,
+    grid: Grid,
+    seasonality: Seasonality = "auto",
+    quantile: float = DEFAULT_QUANTILE,
+    reactive_hold_seconds: float = REACTIVE_HOLD_SECONDS,
+    floor_hold_seconds: float = FLOOR_HOLD_SECONDS,
+) -> ModelChoice:
+    """Pick the forecaster for this series (``backtest_model``), confirmed on older history.
+
+    A model that wins now must also win on the history as it stood ``CONFIRMATION_SECONDS`` ago (the
+    backtest the controller ran then); otherwise the choice is ``REACTIVE`` with the model
+    ``pending``. Evidence that appears in one window and not the next is most often luck.
+    """
+    y = fill_gaps(values)
+    choice = backtest_model(y, grid, seasonality, quantile, reactive_hold_seconds, floor_hold_seconds)
+    if not choice.uses_floor:
+        return choice
+    earlier = y[: y.size - math.ceil(CONFIRMATION_SECONDS / grid.step_seconds)]
+    confirmed = earlier.size >= grid.min_history and backtest_model(
+        earlier, grid, seasonality, quantile, reactive_hold_seconds, floor_hold_seconds
+    ).uses_floor
+    if confirmed:
+        return choice
+    return ModelChoice(REACTIVE, 1.0, 0, choice.baseline_error, choice.baseline_error, choice.origins, choice.model)
+
+
+def backtest_model(
+    values: Sequence[float] | FloatArray,
+    grid: Grid,
+    seasonality: Seasonality = "auto",
+    quantile: float = DEFAULT_QUANTILE,
+    reactive_hold_seconds: float = REACTIVE_HOLD_SECONDS,
+    floor_hold_seconds: float = FLOOR_HOLD_SECONDS,
+) -> ModelChoice:
+    """Pick the forecaster for this series by rolling-origin backtest (see the module docstring).
+
+    Every origin of the recent span is replayed as the controller would run it: reactive scaling
+    holds the highest rate of the last ``reactive_hold_seconds`` (the HPA's scale-down window), the
+    floor holds the highest quantile forecast of the last ``floor_hold_seconds`` (the controller's
+    stabilisation window), and what is provided is the larger of the two. A model's score is the
+    demand it leaves uncovered divided by what reactive scaling leaves uncovered when it spends the
+    same capacity on average (a lower HPA target), so a model wins only by putting capacity where the
+    peaks come, never by buying more of it. Shortfalls are cross-validated over ``BACKTEST_FOLDS``
+    folds; among models whose one-sided 99% upper bound of the pooled score (Bonferroni-corrected
+    for the number of candidates) is below 1, the lowest score wins;
+    otherwise ``REACTIVE``. Raises ForecastError when the series is shorter than ``grid.min_history``.
+    """
+    if not 0.5 <= quantile < 1.0:
+        raise ForecastError(f"quantile must be in [0.5, 1), got {quantile}")
+    y = fill_gaps(values)
+    if y.size < grid.min_history:
+        raise ForecastError(
+            f"{y.size} samples of history; at least {grid.min_history} are needed for a backtest"
+        )
+    reactive_hold = max(1, round(reactive_hold_seconds / grid.step_seconds))
+    floor_hold = max(1, round(floor_hold_seconds / grid.step_seconds))
+    # One origin set for every model, so their losses are comparable; seasonal models need more history.
+    base_origins = backtest_origins(y.size, grid, max(grid.window, reactive_hold))
+    actual = future_peak(y, base_origins, grid.horizon)
+    # Scored on the part of the horizon that capacity asked for at the origin can still serve.
+    ready_peak = future_peak(y, base_origins + grid.lead, grid.horizon - grid.lead)
+    reactive = rolling_max(persistence(y, base_origins), reactive_hold)
+    scale = max(float(np.mean(actual)), 1e-12)
+    baseline_factor = quantile_factor(actual, reactive, quantile)
+    baseline_error = pinball_loss(actual, baseline_factor * reactive, quantile) / scale
+    best = ModelChoice(REACTIVE, 1.0, 0, baseline_error, baseline_error, base_origins.size)
+    best_score = 1.0
+    candidates = candidate_models(seasonality)
+    t_quantile = CONFIDENCE_T[len(candidates)]
+    for model in candidates:
+        periods = _periods_available(model, grid, y.size)
+        if periods == 0:
+            continue
+        keep = base_origins >= earliest_origin(model, grid, periods)
+        origins = base_origins[keep]
+        if origins.size < MIN_BACKTEST_ORIGINS:
+            continue
+        point = point_forecast(model, y, origins, grid, periods)
+        model_short, reactive_short = cross_validated_shortfalls(
+            point, actual[keep], ready_peak[keep], reactive[keep], quantile, floor_hold
+        )
+        score, upper = score_with_bound(model_short, reactive_short, t_quantile)
+        # Trusted only when confidently better than reactive, not thanks to one lucky fold.
+        if score < best_score and upper < 1.0:
+            best_score = score
+            factor = quantile_factor(actual[keep], point, quantile)
+            provided = np.maximum(rolling_max(factor * point, floor_hold), reactive[keep])
+            error = pinball_loss(actual[keep], provided, quantile) / scale
+            reference = pinball_loss(actual[keep], baseline_factor * reactive[keep], quantile) / scale
+            best = ModelChoice(model, factor, periods, error, reference, int(origins.size))
+    return best
+
+
+def cross_validated_shortfalls(
+    point: FloatArray, actual: FloatArray, ready_peak: FloatArray, reactive: FloatArray, quantile: float,
+    floor_hold: int, folds: int = BACKTEST_FOLDS,
+) -> tuple[FloatArray, FloatArray]:
+    """Per fold: demand the floor leaves uncovered, and what reactive scaling spending as much leaves.
+
+    The origins are cut into consecutive folds; each fold is scored with the quantile factor fitted
+    on the other folds, so the result says how the model does on data its calibration has not seen.
+    """
+    bounds = np.linspace(0, point.size, folds + 1).astype(np.int64)
+    model_short = np.empty(folds, dtype=np.float64)
+    reactive_short = np.empty(folds, dtype=np.float64)
+    for k in range(folds):
+        part = slice(int(bounds[k]), int(bounds[k + 1]))
+        rest = np.ones(point.size, dtype=bool)
+        rest[part] = False
+        factor = quantile_factor(actual[rest], point[rest], quantile)
+        provided = np.maximum(rolling_max(factor * point[part], floor_hold), reactive[part])
+        equal_cost = float(np.sum(provided)) / max(float(np.sum(reactive[part])), 1e-12) * reactive[part]
+        reactive_short[k] = float(np.sum(np.maximum(ready_peak[part] - equal_cost, 0.0)))
+        model_short[k] = float(np.sum(np.maximum(ready_peak[part] - provided, 0.0)))
+    return model_short, reactive_short
+
+
+def score_with_bound(model_short: FloatArray, reactive_short: FloatArray, t_quantile: float) -> tuple[float, float]:
+    """The pooled score (model shortfall over reactive's) and an upper confidence bound on it.
+
+    Folds weigh by how much reactive scaling missed in them: a quiet fold where nothing needed
+    predicting says little either way, a fold with the morning ramp says a lot.
+    """
+    total = float(np.sum(reactive_short))
+    if total <= 0:
+        return math.inf, math.inf
+    score = float(np.sum(model_short)) / total
+    weights = reactive_short / total
+    informative = weights > 0
+    ratios = model_short[informative] / reactive_short[informative]
+    w = weights[informative]
+    concentration = float(np.sum(w * w))
+    if w.size < 2 or concentration >= 1.0:
+        return score, math.inf
+    variance = float(np.sum(w * (ratios - score) ** 2)) / (1.0 - concentration)
+    return score, score + t_quantile * math.sqrt(variance * concentration)
+
+
+def _periods_available(model: str, grid: Grid, n: int) -> int:
+    if model not in (SEASONAL_DAILY, SEASONAL_WEEKLY):
+        return 1
+    period = grid.period(model)
+    usable = n - grid.window - grid.horizon - MIN_BACKTEST_ORIGINS
+    return max(0, min(MAX_SEASONAL_PERIODS[model], usable // period))
+
+
+def forecast_peak(
+    values: Sequence[float] | FloatArray, grid: Grid, choice: ModelChoice, origins: IntArray | None = None
+) -> FloatArray:
+    """Upper-quantile forecast of the peak rate over the horizon at each origin (default: the end).
+
+    With the ``REACTIVE`` choice the forecast is the last known rate (no floor above what reactive
+    scaling gives).
+    """
+    y = fill_gaps(values)
+    at = np.asarray([y.size] if origins is None else origins, dtype=np.int64)
+    if not choice.uses_floor:
+        return persistence(y, at)
+    return choice.factor * point_forecast(choice.model, y, at, grid, choice.periods)

@@ -1,0 +1,196 @@
+"""The scaling policy: a model of the Kubernetes HPA v2 and the predictive minReplicas floor.
+
+Pure: no I/O, no clocks (times are seconds passed in). The live controller and the simulator use the
+same functions, so what ``moe-operator simulate`` measures is what the operator does.
+
+HPA model (``HpaModel``), following ``pkg/controller/podautoscaler`` with the default behaviour: a
+per-pod request-rate metric with an ``AverageValue`` target of ``capacity * targetUtilization``,
+tolerance 0.1, pods that are not ready yet report no metric (counted as 0 on scale-up and as at
+target on scale-down), scale-up stabilisation 0 s limited to max(100%, 4 pods) per 15 s, scale-down
+stabilisation 300 s at 100% per 15 s, and ``currentReplicas < minReplicas`` jumps to minReplicas at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+HPA_SYNC_SECONDS = 15.0
+HPA_TOLERANCE = 0.1
+HPA_SCALE_DOWN_STABILIZATION_SECONDS = 300.0
+HPA_SCALE_UP_PERCENT = 100.0
+HPA_SCALE_UP_PODS = 4
+#: Delay between the load and what the metric pipeline shows the HPA (scrape + rate window).
+METRIC_LAG_SECONDS = 30.0
+#: Extra horizon beyond the pod startup time when the spec leaves the horizon unset.
+HORIZON_MARGIN_SECONDS = 120
+#: How often the forecaster is re-chosen by backtest (the choice moves slowly; the forecast every tick).
+REFIT_SECONDS = 6 * 3600.0
+
+
+class PolicyError(ValueError):
+    """Parameters the policy cannot work with; the message names the parameter."""
+
+
+def clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
+
+
+def recommended_replicas(
+    predicted_load: float, capacity_per_replica: float, target_utilization: float, min_replicas: int,
+    max_replicas: int,
+) -> int:
+    """``ceil(predicted_load / (capacity * target))`` clamped to [min_replicas, max_replicas]."""
+    if not capacity_per_replica > 0:
+        raise PolicyError(f"capacityPerReplica must be > 0, got {capacity_per_replica}")
+    if not 0 < target_utilization <= 1:
+        raise PolicyError(f"targetUtilization must be in (0, 1], got {target_utilization}")
+    if min_replicas > max_replicas:
+        raise PolicyError(f"minReplicas {min_replicas} is above maxReplicas {max_replicas}")
+    if not math.isfinite(predicted_load) or predicted_load <= 0:
+        return min_replicas
+    # The small epsilon keeps an exact multiple (10.0 / 1.0) from rounding up through float noise.
+    needed = math.ceil(predicted_load / (capacity_per_replica * target_utilization) - 1e-9)
+    return clamp(needed, min_replicas, max_replicas)
+
+
+def floor_recommendation(
+    predicted_load: float, uses_floor: bool, capacity_per_replica: float, target_utilization: float,
+    min_replicas: int, max_replicas: int,
+) -> int:
+    """The minReplicas a forecast asks for; minReplicas itself when the backtest chose no floor."""
+    if not uses_floor:
+        return clamp(min_replicas, min_replicas, max_replicas)
+    return recommended_replicas(predicted_load, capacity_per_replica, target_utilization, min_replicas, max_replicas)
+
+
+@dataclass
+class HpaModel:
+    """One HorizontalPodAutoscaler: its spec bounds and the recommendations it remembers."""
+
+    capacity_per_replica: float
+    target_utilization: float
+    max_replicas: int
+    scale_down_stabilization_seconds: float = HPA_SCALE_DOWN_STABILIZATION_SECONDS
+    recommendations: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def metric_replicas(self, load: float, current: int, ready: int) -> int:
+        """The replica count the metric asks for (``replica_calculator`` for a pods metric)."""
+        target = self.capacity_per_replica * self.target_utilization
+        if ready <= 0:
+            # No pod reports a metric: the HPA cannot compute a ratio and keeps the current count.
+            return current
+        usage_ratio = load / ready / target
+        missing = current - ready
+        if missing <= 0:
+            if abs(1.0 - usage_ratio) <= HPA_TOLERANCE:
+                return current
+            return math.ceil(usage_ratio * ready - 1e-9)
+        # Pods without a metric count as idle when scaling up and as at target when scaling down.
+        new_ratio = load / current / target if usage_ratio > 1.0 else (load / target + missing) / current
+        if (
+            abs(1.0 - new_ratio) <= HPA_TOLERANCE
+            or (usage_ratio < 1.0 < new_ratio)
+            or (usage_ratio > 1.0 > new_ratio)
+        ):
+            return current
+        return math.ceil(new_ratio * current - 1e-9)
+
+    def desired(self, now: float, load: float, current: int, ready: int, min_replicas: int) -> int:
+        """The HPA's new ``replicas`` at a sync, given the lagged load and its minReplicas floor."""
+        min_replicas = min(min_replicas, self.max_replicas)
+        if current > self.max_replicas:
+            return self.max_replicas
+        if current < min_replicas:
+            return min_replicas
+        proposal = self.metric_replicas(load, current, ready)
+        cutoff = now - self.scale_down_stabilization_seconds
+        while self.recommendations and self.recommendations[0][0] <= cutoff:
+            self.recommendations.popleft()
+        down = max([proposal, *(rec for _, rec in self.recommendations)])
+        self.recommendations.append((now, proposal))
+        # Scale-up stabilisation window is 0 s: the up-recommendation is the proposal itself.
+        stabilized = clamp(current, proposal, down)
+        if stabilized > current:
+            limit = max(
+                math.floor(current * (1 + HPA_SCALE_UP_PERCENT / 100.0)), current + HPA_SCALE_UP_PODS
+            )
+            return min(stabilized, limit, self.max_replicas)
+        if stabilized < current:
+            return max(stabilized, min_replicas)
+        return stabilized
+
+
+@dataclass
+class FloorMemory:
+    """What the predictive floor remembers between ticks (mutable, one per MoERouter)."""
+
+    recommendations: deque[tuple[float, int]] = field(default_factory=deque)
+    last_good: int | None = None
+    last_good_at: float | None = None
+    applied: int | None = None
+
+
+@dataclass(frozen=True)
+class FloorSettings:
+    min_replicas: int
+    max_replicas: int
+    stabilization_seconds: float
+    grace_period_seconds: float
+    #: How long the floor takes to decay from the last good value to minReplicas after the grace.
+    decay_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.min_replicas > self.max_replicas:
+            raise PolicyError(f"minReplicas {self.min_replicas} is above maxReplicas {self.max_replicas}")
+        if min(self.stabilization_seconds, self.grace_period_seconds, self.decay_seconds) < 0:
+            raise PolicyError("stabilization, grace and decay periods must be >= 0 seconds")
+
+
+def floor_on_success(memory: FloorMemory, now: float, recommendation: int, settings: FloorSettings) -> int:
+    """The minReplicas to hold after a good forecast: raise at once, lower only through the window.
+
+    The floor is the highest recommendation of the last ``stabilization_seconds``, so it follows a
+    falling forecast gradually and a forecast that dips for one tick does not flap the HPA.
+    """
+    recommendation = clamp(recommendation, settings.min_replicas, settings.max_replicas)
+    cutoff = now - settings.stabilization_seconds
+    while memory.recommendations and memory.recommendations[0][0] <= cutoff:
+        memory.recommendations.popleft()
+    memory.recommendations.append((now, recommendation))
+    applied = clamp(max(rec for _, rec in memory.recommendations), settings.min_replicas, settings.max_replicas)
+    memory.last_good = applied
+    memory.last_good_at = now
+    memory.applied = applied
+    return applied
+
+
+def floor_on_failure(memory: FloorMemory, now: float, settings: FloorSettings) -> int:
+    """The minReplicas to hold when no forecast is possible: the last good one, then a linear decay.
+
+    Kept for ``grace_period_seconds`` after the last good forecast, then lowered linearly to
+    minReplicas over ``decay_seconds``; never above maxReplicas, never below minReplicas.
+    """
+    if memory.last_good is None or memory.last_good_at is None:
+        applied = settings.min_replicas
+    else:
+        held = clamp(memory.last_good, settings.min_replicas, settings.max_replicas)
+        past_grace = now - memory.last_good_at - settings.grace_period_seconds
+        if past_grace <= 0:
+            applied = held
+        elif past_grace >= settings.decay_seconds:
+            applied = settings.min_replicas
+        else:
+            remaining = 1.0 - past_grace / settings.decay_seconds
+            applied = settings.min_replicas + math.ceil((held - settings.min_replicas) * remaining - 1e-9)
+    # A failed tick must not let the window raise the floor again once the failure is over.
+    memory.recommendations.clear()
+    memory.recommendations.append((now, applied))
+    memory.applied = applied
+    return applied
+
+
+def default_horizon_seconds(horizon_seconds: int | None, startup_seconds: int) -> int:
+    """``spec.horizonSeconds``, or the pod startup time plus a margin when unset."""
+    return horizon_seconds if horizon_seconds is not None else startup_seconds + HORIZON_MARGIN_SECONDS

@@ -1,0 +1,174 @@
+"""The only Prometheus client: one range query for a MoERouter's request-rate history.
+
+Synchronous (prometheus-api-client over requests); the controller calls it through
+``asyncio.to_thread``. Every fault comes out as a ``PrometheusQueryError`` whose ``reason`` is the
+``PredictionReady`` condition reason to report, so the controller never has to know about HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+
+UNAVAILABLE = "PrometheusUnavailable"
+QUERY_FAILED = "QueryFailed"
+NO_DATA = "QueryReturnedNoData"
+#: Window of ``rate()`` in the default query: four scrapes at the default 30 s interval.
+DEFAULT_RATE_WINDOW = "2m"
+
+
+@dataclass(frozen=True)
+class PrometheusAuth:
+    """Credentials resolved by the handler from Secrets; all optional."""
+
+    bearer_token: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_pem: str | None = None
+    insecure_skip_verify: bool = False
+
+    def __repr__(self) -> str:
+        # Never print secrets into logs or test output.
+        return (
+            f"PrometheusAuth(bearer_token={'***' if self.bearer_token else None}, username={self.username!r}, "
+            f"password={'***' if self.password else None}, ca_pem={'...' if self.ca_pem else None}, "
+            f"insecure_skip_verify={self.insecure_skip_verify})"
+        )
+
+
+class PrometheusQueryError(Exception):
+    """A range query that gave no usable history; ``reason`` is the condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    """Samples on the regular grid ``start + i * step``; NaN where Prometheus returned no sample."""
+
+    start: float
+    step: float
+    values: FloatArray
+    series: int
+
+
+def default_query(name: str, namespace: str) -> str:
+    """Request rate (requests/s) of one MoERouter's runtime pods, summed over pods and status codes."""
+    return (
+        f'sum(rate(moe_router_requests_total{{namespace="{_escape(namespace)}",'
+        f'service="{_escape(name)}"}}[{DEFAULT_RATE_WINDOW}]))'
+    )
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def align_end(now: float, step: float) -> float:
+    """The last grid point at or before ``now`` (a stable grid keeps successive fetches comparable)."""
+    return math.floor(now / step) * step
+
+
+def to_grid(result: Sequence[Mapping[str, Any]], start: float, end: float, step: float) -> RangeResult:
+    """Sum the series of a ``query_range`` result onto the grid; NaN/Inf samples and gaps become NaN.
+
+    Raises PrometheusQueryError(QueryReturnedNoData) when no finite sample exists.
+    """
+    size = round((end - start) / step) + 1
+    total = np.zeros(size, dtype=np.float64)
+    seen = np.zeros(size, dtype=bool)
+    for series in result:
+        for timestamp, text in series.get("values", []):
+            index = round((float(timestamp) - start) / step)
+            try:
+                value = float(text)
+            except (TypeError, ValueError):
+                continue
+            if 0 <= index < size and math.isfinite(value):
+                total[index] += value
+                seen[index] = True
+    if not seen.any():
+        detail = "an empty result" if not result else "only NaN or infinite samples"
+        raise PrometheusQueryError(NO_DATA, f"the query returned {detail} over the lookback window")
+    return RangeResult(start, step, np.where(seen, total, np.nan), len(result))
+
+
+@contextmanager
+def _ca_file(pem: str | None) -> Iterator[str | None]:
+    if pem is None:
+        yield None
+        return
+    handle = tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False)  # noqa: SIM115
+    try:
+        with handle:
+            handle.write(pem)
+        yield handle.name
+    finally:
+        os.unlink(handle.name)
+
+
+def fetch_range(
+    url: str, query: str, *, end: float, lookback_seconds: float, step_seconds: float,
+    timeout_seconds: float, auth: PrometheusAuth | None = None,
+) -> RangeResult:
+    """``query_range`` over ``[end - lookback, end]`` at ``step`` (``end`` aligned to the step).
+
+    Raises PrometheusQueryError: PrometheusUnavailable (connection refused, DNS, TLS, timeout),
+    QueryFailed (HTTP error status, bad PromQL, unparsable answer), QueryReturnedNoData.
+    """
+    import requests
+    from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+    from urllib3.util.retry import Retry
+
+    auth = auth or PrometheusAuth()
+    end = align_end(end, step_seconds)
+    start = end - math.floor(lookback_seconds / step_seconds) * step_seconds
+    headers = {"Authorization": f"Bearer {auth.bearer_token}"} if auth.bearer_token else None
+    basic = (auth.username or "", auth.password or "") if auth.username or auth.password else None
+    with _ca_file(auth.ca_pem) as ca_path, requests.Session() as session:
+        session.verify = False if auth.insecure_skip_verify else (ca_path or True)
+        client = PrometheusConnect(
+            url=url.rstrip("/"), headers=headers, auth=basic, session=session,
+            # The next tick is the retry: one slow attempt must not hold a worker thread for long.
+            retry=Retry(total=0), timeout=math.ceil(timeout_seconds),
+        )
+        try:
+            result = client.custom_query_range(
+                query,
+                start_time=datetime.fromtimestamp(start, tz=UTC),
+                end_time=datetime.fromtimestamp(end, tz=UTC),
+                step=f"{step_seconds:g}s",
+                params={"timeout": f"{timeout_seconds:g}s"},
+            )
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise PrometheusQueryError(UNAVAILABLE, f"cannot reach Prometheus at {url}: {_first_line(exc)}") from None
+        except PrometheusApiClientException as exc:
+            # A 5xx is the server (or a proxy in front of it) failing; a 4xx is our query or credentials.
+            reason = UNAVAILABLE if str(exc).startswith("HTTP Status Code 5") else QUERY_FAILED
+            raise PrometheusQueryError(reason, f"Prometheus at {url} refused the query: {_first_line(exc)}") from None
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            message = f"unusable answer from Prometheus at {url}: {_first_line(exc)}"
+            raise PrometheusQueryError(QUERY_FAILED, message) from None
+    if not isinstance(result, list):
+        message = f"Prometheus at {url} answered a {type(result).__name__}, not a matrix"
+        raise PrometheusQueryError(QUERY_FAILED, message)
+    return to_grid(result, start, end, step_seconds)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -1,0 +1,192 @@
+"""Forecasters and the backtest on synthetic series whose answers are known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from moe_operator.scaling.forecast import (
+    LOCAL_TREND,
+    REACTIVE,
+    RECENT_PEAK,
+    SEASONAL_DAILY,
+    ForecastError,
+    Grid,
+    ModelChoice,
+    backtest_model,
+    fill_gaps,
+    forecast_peak,
+    future_peak,
+    pinball_loss,
+    point_forecast,
+    select_model,
+)
+
+STEP = 300.0  # 5-minute history keeps the series short
+DAY = int(86400 / STEP)
+GRID = Grid.of(STEP, 900.0, lead_seconds=600.0)  # horizon 3 samples, capacity ready after 2
+
+
+def daily(days: float, base: float = 100.0, amplitude: float = 80.0) -> np.ndarray:
+    t = np.arange(int(days * DAY))
+    # A sharp morning ramp (the shape that makes reactive scaling late), flat nights.
+    phase = (t % DAY) / DAY
+    return base + amplitude * np.clip(np.sin(2 * np.pi * (phase - 0.25)), 0, None) ** 2
+
+
+def office_hours(days: float, night: float = 100.0, day: float = 300.0) -> np.ndarray:
+    """Traffic that jumps from ``night`` to ``day`` at 08:00 and back at 20:00: only the calendar predicts it."""
+    hour = (np.arange(int(days * DAY)) % DAY) * STEP / 3600.0
+    return np.where((hour >= 8) & (hour < 20), day, night).astype(float)
+
+
+def test_fill_gaps_holds_the_last_rate_across_nan_and_inf() -> None:
+    assert fill_gaps([np.nan, 2.0, np.nan, np.inf, 5.0]).tolist() == [2.0, 2.0, 2.0, 2.0, 5.0]
+
+
+def test_fill_gaps_rejects_a_series_without_any_finite_sample() -> None:
+    with pytest.raises(ForecastError, match="no finite sample"):
+        fill_gaps([np.nan, np.nan])
+
+
+def test_future_peak_is_the_maximum_of_the_next_horizon_samples() -> None:
+    y = np.array([1.0, 5.0, 2.0, 3.0, 9.0])
+    assert future_peak(y, np.array([0, 1, 2]), 3).tolist() == [5.0, 5.0, 9.0]
+
+
+def test_seasonal_model_repeats_a_pure_daily_pattern_exactly() -> None:
+    y = daily(5)
+    origins = np.arange(4 * DAY, 5 * DAY - GRID.horizon)
+    forecast = point_forecast(SEASONAL_DAILY, y, origins, GRID, periods=3)
+    np.testing.assert_allclose(forecast, future_peak(y, origins, GRID.horizon), rtol=1e-9)
+
+
+def test_seasonal_model_scales_the_shape_to_todays_level() -> None:
+    y = daily(5)
+    y[4 * DAY :] *= 2.0  # today is twice as busy as the previous days
+    origin = np.array([4 * DAY + DAY // 2])
+    forecast = point_forecast(SEASONAL_DAILY, y, origin, GRID, periods=3)
+    assert forecast[0] == pytest.approx(future_peak(y, origin, GRID.horizon)[0], rel=1e-9)
+
+
+def test_local_trend_extrapolates_a_straight_ramp_to_the_end_of_the_horizon() -> None:
+    y = 10.0 + 0.5 * np.arange(200, dtype=float)
+    forecast = point_forecast(LOCAL_TREND, y, np.array([150]), GRID)
+    # The last known sample is y[149]; the horizon's peak is y[152].
+    assert forecast[0] == pytest.approx(y[149 + GRID.horizon], rel=1e-9)
+
+
+def test_local_trend_of_a_falling_ramp_is_the_current_level() -> None:
+    y = 500.0 - 0.5 * np.arange(200, dtype=float)
+    assert point_forecast(LOCAL_TREND, y, np.array([150]), GRID)[0] == pytest.approx(y[149], rel=1e-9)
+
+
+def test_recent_peak_remembers_a_spike_for_one_window_then_forgets_it() -> None:
+    y = np.full(300, 10.0)
+    y[100] = 90.0
+    inside = point_forecast(RECENT_PEAK, y, np.array([101 + GRID.window - 1]), GRID)
+    after = point_forecast(RECENT_PEAK, y, np.array([101 + GRID.window]), GRID)
+    assert (inside[0], after[0]) == (90.0, 10.0)
+
+
+def test_step_change_moves_the_local_forecasts_to_the_new_level_within_a_window() -> None:
+    y = np.concatenate([np.full(200, 10.0), np.full(200, 40.0)])
+    origin = np.array([200 + GRID.window])
+    assert point_forecast(LOCAL_TREND, y, origin, GRID)[0] == pytest.approx(40.0)
+    assert point_forecast(RECENT_PEAK, y, origin, GRID)[0] == pytest.approx(40.0)
+
+
+def test_a_model_without_enough_history_for_the_origin_is_refused() -> None:
+    with pytest.raises(ForecastError, match="needs"):
+        point_forecast(SEASONAL_DAILY, daily(1), np.array([DAY // 2]), GRID, periods=1)
+
+
+def test_unknown_model_is_refused_by_name() -> None:
+    with pytest.raises(ForecastError, match="unknown model 'prophet'"):
+        point_forecast("prophet", daily(1), np.array([DAY // 2]), GRID)
+
+
+def test_pinball_loss_weighs_under_forecasts_by_the_quantile() -> None:
+    actual = np.array([10.0])
+    assert pinball_loss(actual, np.array([9.0]), 0.9) == pytest.approx(0.9)
+    assert pinball_loss(actual, np.array([11.0]), 0.9) == pytest.approx(0.1)
+
+
+def test_backtest_chooses_the_daily_model_for_traffic_that_jumps_at_the_same_hour_every_day() -> None:
+    rng = np.random.default_rng(1)
+    y = office_hours(6) * rng.normal(1.0, 0.02, 6 * DAY)
+    choice = select_model(y, GRID)
+    assert choice.model == SEASONAL_DAILY
+    assert choice.uses_floor and choice.error < choice.baseline_error
+
+
+def test_backtest_uses_no_floor_on_flat_traffic() -> None:
+    assert select_model(np.full(3 * DAY, 50.0), GRID).model == REACTIVE
+
+
+def test_backtest_uses_no_floor_on_unpredictable_noise() -> None:
+    rng = np.random.default_rng(7)
+    noise = rng.lognormal(3.0, 0.5, 6 * DAY)
+    assert select_model(noise, GRID).model == REACTIVE
+
+
+def test_backtest_tolerates_gaps_in_the_history() -> None:
+    y = daily(6)
+    y[2 * DAY : 2 * DAY + 20] = np.nan
+    y[5 * DAY + 7] = np.nan
+    choice = select_model(y, GRID)
+    assert choice.model == SEASONAL_DAILY
+    assert np.isfinite(forecast_peak(y, GRID, choice)).all()
+
+
+def test_backtest_refuses_a_history_shorter_than_its_minimum() -> None:
+    with pytest.raises(ForecastError, match=f"at least {GRID.min_history}"):
+        select_model(np.ones(GRID.min_history - 1), GRID)
+
+
+def test_seasonality_none_never_chooses_a_seasonal_model() -> None:
+    assert select_model(daily(6), GRID, seasonality="none").model not in (SEASONAL_DAILY, "seasonal-weekly")
+
+
+def test_the_forecast_rises_before_the_morning_jump_arrives() -> None:
+    rng = np.random.default_rng(3)
+    y = office_hours(6) * rng.normal(1.0, 0.02, 6 * DAY)
+    jump = 5 * DAY + int(8 * 3600 / STEP)  # 08:00 on the sixth day
+    before = jump - GRID.horizon + 1  # the jump is inside the horizon, not yet in the history
+    choice = select_model(y[:before], GRID)
+    forecast = forecast_peak(y[:before], GRID, choice)[0]
+    assert y[before - 1] < 120.0  # what reactive scaling sees: still night traffic
+    assert forecast >= 0.95 * 300.0
+
+
+def test_reactive_choice_forecasts_the_last_rate() -> None:
+    choice = ModelChoice(REACTIVE, 1.0, 0, 0.0, 0.0, 0)
+    assert forecast_peak([1.0, 2.0, 7.0], GRID, choice)[0] == 7.0
+
+
+def test_grid_rejects_a_non_positive_step() -> None:
+    with pytest.raises(ForecastError, match="step must be a positive"):
+        Grid.of(0.0, 600.0)
+
+
+def test_grid_rounds_the_horizon_up_to_whole_steps() -> None:
+    assert Grid.of(60.0, 420.0).horizon == 7
+    assert Grid.of(60.0, 421.0).horizon == math.ceil(421 / 60)
+
+
+def ramp(samples: int) -> np.ndarray:
+    return 10.0 + np.arange(samples) * 1.0 + np.random.default_rng(0).normal(0.0, 0.5, samples)
+
+
+def test_a_model_that_wins_only_on_the_latest_history_waits_for_confirmation() -> None:
+    # 200 samples: the trend model wins now, but 6 h ago (72 samples fewer) it had not yet.
+    assert backtest_model(ramp(200), GRID).model == LOCAL_TREND
+    choice = select_model(ramp(200), GRID)
+    assert (choice.model, choice.pending) == (REACTIVE, LOCAL_TREND)
+
+
+def test_a_model_that_also_won_six_hours_ago_gets_its_floor() -> None:
+    choice = select_model(ramp(600), GRID)
+    assert (choice.model, choice.pending) == (LOCAL_TREND, None)

@@ -1,0 +1,166 @@
+"""Trace replay: known answers, causality, and the outputs of ``moe-operator simulate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_operator.cli import main
+from moe_operator.scaling.policy import PolicyError
+from moe_operator.scaling.simulate import POLICIES, SimulationConfig, forecast_schedule, simulate, write_schedule_csv
+from moe_operator.scaling.traces import Trace, format_rate_csv, from_rate_samples
+
+DAY = 86400.0
+
+
+def step_trace() -> Trace:
+    """10 requests/s for an hour, then 40 requests/s for an hour (one sample a minute)."""
+    times = np.arange(0.0, 7200.0, 60.0)
+    return from_rate_samples(times, np.where(times < 3600, 10.0, 40.0))
+
+
+def office_trace(days: int = 7, step: float = 600.0) -> Trace:
+    """Night 20 requests/s, 08:00-20:00 100 requests/s, with a little deterministic noise."""
+    times = np.arange(0.0, days * DAY, step)
+    hours = (times % DAY) / 3600.0
+    rng = np.random.default_rng(5)
+    rates = np.where((hours >= 8) & (hours < 20), 100.0, 20.0) * rng.normal(1.0, 0.03, times.size)
+    return from_rate_samples(times + 1.7e9, rates)
+
+
+def test_a_step_up_leaves_exactly_the_startup_gap_unserved() -> None:
+    config = SimulationConfig(capacity_per_replica=1.0, startup_delay=300, target_utilization=0.5,
+                              min_replicas=1, max_replicas=1000)
+    result = simulate(step_trace(), config, "reactive")
+    unserved = np.maximum(result.demand - result.ready * config.capacity_per_replica, 0).sum() * 15
+    # 20 pods serve 10/s at 50%; at 3600 s demand is 40/s. The HPA sees it at 3630 s (30 s lag) and
+    # asks for 40 pods, ready 300 s later: 20 requests/s unserved for 330 s.
+    assert unserved == pytest.approx(20 * 330)
+    assert result.ready[result.times >= 3930].min() >= 40
+
+
+def test_constant_demand_holds_a_constant_replica_count() -> None:
+    trace = from_rate_samples([0.0, 3600.0], [35.0, 35.0])
+    config = SimulationConfig(10.0, 300, 0.7, 1, 50)
+    result = simulate(trace, config, "reactive")
+    assert set(result.desired.tolist()) == {5}
+    assert result.summary.unserved_fraction == 0.0
+    assert result.summary.scale_events == 0
+
+
+def test_replicas_never_exceed_max_replicas() -> None:
+    config = SimulationConfig(1.0, 300, 0.5, 1, 30)
+    for policy in POLICIES:
+        assert simulate(step_trace(), config, policy).desired.max() <= 30
+
+
+def test_replica_hours_count_starting_pods() -> None:
+    trace = from_rate_samples([0.0, 1800.0], [35.0, 35.0])
+    result = simulate(trace, SimulationConfig(10.0, 300, 0.7, 1, 50), "reactive")
+    assert result.summary.replica_hours == pytest.approx(5 * 3600 / 3600)
+
+
+@pytest.mark.parametrize("policy", ["reactive", "predictive"])
+def test_decisions_never_use_demand_later_than_thirty_seconds_before_them(policy: str) -> None:
+    trace = office_trace()
+    config = SimulationConfig(5.0, 300, 0.7, 1, 100)
+    cut = int(np.searchsorted(trace.times, 6 * DAY + 7 * 3600))  # 07:00 on day 7, before the jump
+    changed = trace.with_future_replaced(cut, np.full(trace.times.size - cut, 500.0))
+    before = simulate(trace, config, policy)  # type: ignore[arg-type]
+    after = simulate(changed, config, policy)  # type: ignore[arg-type]
+    decided_before = before.times < trace.times[cut] + 30.0
+    np.testing.assert_array_equal(before.desired[decided_before], after.desired[decided_before])
+    np.testing.assert_array_equal(before.floor[decided_before], after.floor[decided_before])
+    # ... and the change is seen right after: the comparison is not vacuous.
+    assert not np.array_equal(before.desired, after.desired)
+
+
+def test_predictive_floor_rises_before_the_daily_jump() -> None:
+    trace = office_trace()
+    config = SimulationConfig(5.0, 300, 0.7, 1, 100)
+    result = simulate(trace, config, "predictive")
+    jump = 6 * DAY + 8 * 3600
+    just_before = (result.times >= jump - 300) & (result.times < jump)
+    # 100 requests/s at target 0.7 of 5/s per pod needs 29 pods; night traffic needs 6.
+    assert result.floor[just_before].max() >= 25
+    reactive = simulate(trace, config, "reactive")
+    window = (result.times >= jump) & (result.times < jump + 900)
+    assert result.ready[window].mean() > reactive.ready[window].mean()
+
+
+def test_forecast_schedule_reports_insufficient_history_before_the_first_backtest() -> None:
+    schedule = forecast_schedule(office_trace(days=1), SimulationConfig(5.0, 300, 0.7, 1, 100))
+    assert schedule.models[0] == "insufficient-history"
+    assert not schedule.uses_floor[0]
+
+
+def test_schedule_csv_has_one_row_per_fifteen_seconds(tmp_path: Path) -> None:
+    result = simulate(step_trace(), SimulationConfig(1.0, 300, 0.5, 1, 100), "reactive")
+    path = tmp_path / "schedule.csv"
+    write_schedule_csv(result, path)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "t_seconds,desired_replicas"
+    assert lines[1] == "0,20"
+    assert len(lines) == 1 + len(result.times) == 1 + 7200 // 15
+
+
+def test_config_rejects_min_above_max() -> None:
+    with pytest.raises(PolicyError, match=r"min replicas \(5\) <= max replicas \(4\)"):
+        SimulationConfig(1.0, 300, 0.5, 5, 4)
+
+
+def write_rate_csv(path: Path, trace: Trace) -> Path:
+    path.write_text(format_rate_csv(trace))
+    return path
+
+
+def test_simulate_cli_prints_json_metrics_for_both_policies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace_path = write_rate_csv(tmp_path / "trace.csv", step_trace())
+    schedule = tmp_path / "out.csv"
+    code = main([
+        "simulate", "--trace", str(trace_path), "--capacity-per-replica", "1", "--startup-delay", "300",
+        "--target-utilization", "0.5", "--min-replicas", "1", "--max-replicas", "100", "--policy", "reactive",
+        "--schedule-out", str(schedule), "--json",
+    ])
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["policy"] == "reactive"
+    assert set(payload["results"]) == {"reactive", "predictive"}
+    assert payload["results"]["reactive"]["unserved_fraction"] == pytest.approx(20 * 330 / (10 * 3600 + 40 * 3600))
+    assert payload["forecast"]["models"] == ["insufficient-history", "reactive"]
+    assert schedule.read_text().splitlines()[1] == "0,20"
+
+
+def test_simulate_cli_draws_a_plot(tmp_path: Path) -> None:
+    trace_path = write_rate_csv(tmp_path / "trace.csv", step_trace())
+    plot = tmp_path / "plot.png"
+    code = main([
+        "simulate", "--trace", str(trace_path), "--capacity-per-replica", "1", "--startup-delay", "300",
+        "--target-utilization", "0.5", "--min-replicas", "1", "--max-replicas", "100", "--policy", "predictive",
+        "--plot", str(plot),
+    ])
+    assert code == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_cli_reports_a_missing_trace_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main([
+        "simulate", "--trace", str(tmp_path / "none.csv"), "--capacity-per-replica", "1", "--startup-delay", "300",
+        "--target-utilization", "0.5", "--min-replicas", "1", "--max-replicas", "100", "--policy", "reactive",
+    ])
+    assert code == 2
+    assert "none.csv: cannot read" in capsys.readouterr().err
+
+
+def test_simulate_cli_rejects_a_target_above_one(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([
+            "simulate", "--trace", "x.csv", "--capacity-per-replica", "1", "--startup-delay", "300",
+            "--target-utilization", "1.5", "--min-replicas", "1", "--max-replicas", "100", "--policy", "reactive",
+        ])
+    assert exit_info.value.code == 2
