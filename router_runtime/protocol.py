@@ -1,0 +1,326 @@
+"""Open Inference Protocol v2 codec for the router: JSON tensors and the binary tensor extension.
+
+Pure functions of bytes and arrays; no HTTP. Every client mistake raises ``ProtocolError`` with the
+HTTP status to answer (400, 404, 413) and a message naming the problem.
+
+Binary extension (as in Triton/KServe): the body starts with a JSON header of
+``Inference-Header-Content-Length`` bytes; each tensor sent in binary has
+``"parameters": {"binary_data_size": N}`` and its raw little-endian bytes follow the header in order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+INPUT_NAME = "hidden_states"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+
+OUTPUT_INDICES = "expert_indices"
+OUTPUT_WEIGHTS = "expert_weights"
+OUTPUT_COUNTS = "num_experts"
+OUTPUT_MOE = "moe_output"
+
+#: OIP datatype name of each numpy dtype the router returns, and what it accepts.
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "FP32": np.dtype("<f4"),
+    "INT64": np.dtype("<i8"),
+}
+_KNOWN_DATATYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                    "FP16", "FP32", "FP64", "BF16", "BYTES"}  # fmt: skip
+
+
+class ProtocolError(Exception):
+    """A request the server must answer with ``status`` and ``message`` (a client mistake)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A decoded inference request: the hidden states and how to answer."""
+
+    tokens: np.ndarray
+    shape: tuple[int, ...]
+    request_id: str | None = None
+    outputs: tuple[str, ...] = ()
+    binary_outputs: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class EncodedResponse:
+    body: bytes
+    json_header_length: int | None
+
+    @property
+    def content_type(self) -> str:
+        return "application/json" if self.json_header_length is None else BINARY_CONTENT_TYPE
+
+
+def _require(condition: bool, message: str, status: int = 400) -> None:
+    if not condition:
+        raise ProtocolError(status, message)
+
+
+def parse_header_length(value: str | None, body_size: int) -> int | None:
+    """The JSON header length of a binary request, ``None`` for a plain JSON body."""
+    if value is None:
+        return None
+    try:
+        length = int(value.strip())
+    except ValueError:
+        raise ProtocolError(400, f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
+    _require(length >= 0, f"{HEADER_LENGTH} must be >= 0, got {length}")
+    _require(length <= body_size, f"{HEADER_LENGTH} is {length} but the request body has only {body_size} bytes")
+    return length
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(400, f"malformed JSON: the request is not UTF-8 ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ProtocolError(400, "malformed JSON: nested too deeply") from None
+    _require(isinstance(document, dict), "the inference request must be a JSON object")
+    return document
+
+
+def _parameters(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters", {})
+    _require(isinstance(params, dict), f"{where}.parameters must be an object")
+    return params
+
+
+def _shape(tensor: Mapping[str, Any], input_dim: int) -> tuple[int, ...]:
+    shape = tensor.get("shape")
+    _require(isinstance(shape, list), f"input {INPUT_NAME!r} needs a 'shape' list, e.g. [T, {input_dim}]")
+    assert isinstance(shape, list)
+    _require(
+        all(isinstance(dim, int) and not isinstance(dim, bool) for dim in shape),
+        f"input {INPUT_NAME!r} shape must hold integers, got {shape}",
+    )
+    _require(
+        len(shape) in (2, 3), f"wrong shape {shape}: {INPUT_NAME!r} must be [T, {input_dim}] or [B, S, {input_dim}]"
+    )
+    _require(all(dim >= 0 for dim in shape), f"wrong shape {shape}: dimensions must be >= 0")
+    _require(
+        shape[-1] == input_dim,
+        f"dimension mismatch: shape {shape} has last dimension {shape[-1]}, the model's inputDim is {input_dim}",
+    )
+    return tuple(shape)
+
+
+def _json_data(data: Any, count: int, shape: tuple[int, ...]) -> np.ndarray:
+    _require(isinstance(data, list), f"input {INPUT_NAME!r} needs 'data' as a JSON array of numbers")
+    try:
+        # Out-of-range numbers become inf here and are rejected by the finiteness check.
+        with np.errstate(over="ignore"):
+            array = np.asarray(data, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        raise ProtocolError(
+            400, f"input {INPUT_NAME!r} data must be a flat or nested array of numbers of shape {list(shape)}"
+        ) from None
+    _require(
+        array.size == count,
+        f"input {INPUT_NAME!r} data holds {array.size} values but shape {list(shape)} needs {count}",
+    )
+    return array.reshape(-1, shape[-1])
+
+
+def decode_infer_request(
+    body: bytes,
+    header_length: int | None,
+    *,
+    input_dim: int,
+    max_tokens: int,
+    known_outputs: Sequence[str],
+) -> InferRequest:
+    """Decode a JSON or binary-extension request into ``tokens [T, d]`` float32 and output choices."""
+    _require(len(body) > 0, "empty request body: expected an inference request JSON object")
+    header = body if header_length is None else body[:header_length]
+    document = _json_object(header)
+    request_params = _parameters(document, "request")
+    inputs = document.get("inputs")
+    _require(isinstance(inputs, list) and len(inputs) > 0, "the request needs a non-empty 'inputs' list")
+    assert isinstance(inputs, list)
+    _require(len(inputs) == 1, f"the model takes exactly one input named {INPUT_NAME!r}, got {len(inputs)} inputs")
+    tensor = inputs[0]
+    _require(isinstance(tensor, dict), "each entry of 'inputs' must be an object")
+    name = tensor.get("name")
+    _require(name == INPUT_NAME, f"unknown input {name!r}: the model takes one input named {INPUT_NAME!r}")
+    datatype = tensor.get("datatype")
+    _require(isinstance(datatype, str), f"input {INPUT_NAME!r} needs a 'datatype' string (FP32)")
+    _require(
+        datatype == "FP32",
+        f"wrong datatype {datatype!r} for {INPUT_NAME!r}: only FP32 is accepted"
+        if datatype in _KNOWN_DATATYPES
+        else f"unknown datatype {datatype!r} for {INPUT_NAME!r}: only FP32 is accepted",
+    )
+    shape = _shape(tensor, input_dim)
+    tokens = math.prod(shape[:-1])
+    _require(tokens > 0, f"empty tensor: shape {list(shape)} holds no tokens")
+    _require(tokens <= max_tokens, f"too many tokens: {tokens} in one request, the limit is {max_tokens}", status=413)
+    count = tokens * shape[-1]
+    params = _parameters(tensor, f"input {INPUT_NAME!r}")
+    binary_size = params.get("binary_data_size")
+    if binary_size is not None:
+        _require(header_length is not None, f"binary_data_size is set but the {HEADER_LENGTH} header is missing")
+        assert header_length is not None
+        _require(
+            isinstance(binary_size, int) and not isinstance(binary_size, bool) and binary_size >= 0,
+            f"binary_data_size must be a non-negative integer, got {binary_size!r}",
+        )
+        _require("data" not in tensor, f"input {INPUT_NAME!r} has both 'data' and binary_data_size: send one")
+        expected = count * 4
+        _require(
+            binary_size == expected,
+            f"binary_data_size is {binary_size} but FP32 shape {list(shape)} needs {expected} bytes",
+        )
+        available = len(body) - header_length
+        _require(
+            available >= expected,
+            f"truncated binary body: {INPUT_NAME!r} needs {expected} bytes after the header, got {available}",
+        )
+        _require(
+            available == expected,
+            f"binary body has {available - expected} bytes after the last tensor; expected exactly {expected}",
+        )
+        array = np.frombuffer(body, dtype="<f4", count=count, offset=header_length).reshape(-1, shape[-1])
+    else:
+        _require("data" in tensor, f"input {INPUT_NAME!r} needs 'data' (or binary_data_size with the binary extension)")
+        array = _json_data(tensor["data"], count, shape)
+    # min/max propagate NaN and expose +-Inf without allocating a mask the size of the tensor.
+    finite = math.isfinite(float(array.min())) and math.isfinite(float(array.max()))
+    _require(finite, f"input {INPUT_NAME!r} contains NaN or Inf")
+    outputs, binary = _requested_outputs(document, request_params, known_outputs)
+    request_id = document.get("id")
+    _require(request_id is None or isinstance(request_id, str), "'id' must be a string")
+    return InferRequest(tokens=array, shape=shape, request_id=request_id, outputs=outputs, binary_outputs=binary)
+
+
+def _requested_outputs(
+    document: Mapping[str, Any], request_params: Mapping[str, Any], known: Sequence[str]
+) -> tuple[tuple[str, ...], frozenset[str]]:
+    """Which outputs to return (all when none are named) and which of them in binary."""
+    all_binary = request_params.get("binary_data_output", False)
+    _require(isinstance(all_binary, bool), "parameters.binary_data_output must be true or false")
+    requested = document.get("outputs")
+    if requested is None:
+        names = tuple(known)
+        return names, frozenset(names) if all_binary else frozenset()
+    _require(isinstance(requested, list), "'outputs' must be a list of {\"name\": ...} objects")
+    names_list: list[str] = []
+    binary: set[str] = set()
+    for entry in requested:
+        _require(isinstance(entry, dict) and isinstance(entry.get("name"), str), "each output needs a 'name'")
+        name = entry["name"]
+        _require(name in known, f"unknown output {name!r}; this model returns {', '.join(known)}")
+        _require(name not in names_list, f"output {name!r} is requested twice")
+        params = _parameters(entry, f"output {name!r}")
+        as_binary = params.get("binary_data", all_binary)
+        _require(isinstance(as_binary, bool), f"output {name!r} parameters.binary_data must be true or false")
+        names_list.append(name)
+        if as_binary:
+            binary.add(name)
+    if not names_list:
+        names_list = list(known)
+    return tuple(names_list), frozenset(binary)
+
+
+def _datatype(array: np.ndarray) -> str:
+    for name, dtype in DATATYPES.items():
+        if array.dtype == dtype or array.dtype == dtype.newbyteorder("="):
+            return name
+    raise TypeError(f"no OIP datatype for numpy dtype {array.dtype}")
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    outputs: Mapping[str, np.ndarray],
+    *,
+    request_id: str | None = None,
+    binary: frozenset[str] = frozenset(),
+    parameters: Mapping[str, Any] | None = None,
+) -> EncodedResponse:
+    """Encode outputs (in the given order); the ones in ``binary`` go after a JSON header as raw bytes."""
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, array in outputs.items():
+        datatype = _datatype(array)
+        entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
+        if name in binary:
+            raw = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        entries.append(entry)
+    document: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
+    if request_id is not None:
+        document["id"] = request_id
+    if parameters:
+        document["parameters"] = dict(parameters)
+    header = json.dumps(document, separators=(",", ":")).encode()
+    if not chunks:
+        return EncodedResponse(header, None)
+    return EncodedResponse(header + b"".join(chunks), len(header))
+
+
+def encode_request(
+    tokens: np.ndarray,
+    *,
+    binary: bool,
+    outputs: Sequence[str] = (),
+    binary_outputs: bool | None = None,
+    request_id: str | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """Client side: body and headers of an infer request for ``tokens [T, d]`` (or ``[B, S, d]``)."""
+    array = np.ascontiguousarray(tokens, dtype="<f4")
+    tensor: dict[str, Any] = {"name": INPUT_NAME, "shape": list(array.shape), "datatype": "FP32"}
+    want_binary = binary if binary_outputs is None else binary_outputs
+    document: dict[str, Any] = {"inputs": [tensor]}
+    if request_id is not None:
+        document["id"] = request_id
+    if outputs:
+        document["outputs"] = [{"name": name, "parameters": {"binary_data": want_binary}} for name in outputs]
+    else:
+        document["parameters"] = {"binary_data_output": want_binary}
+    if not binary:
+        tensor["data"] = array.reshape(-1).tolist()
+        return json.dumps(document, separators=(",", ":")).encode(), {"Content-Type": "application/json"}
+    raw = array.tobytes()
+    tensor["parameters"] = {"binary_data_size": len(raw)}
+    header = json.dumps(document, separators=(",", ":")).encode()
+    return header + raw, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
+
+
+def decode_response(body: bytes, header_length: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Client side: the response document and its outputs as numpy arrays (JSON or binary)."""
+    header = body if header_length is None else body[:header_length]
+    document = json.loads(header)
+    arrays: dict[str, np.ndarray] = {}
+    offset = header_length or 0
+    for entry in document.get("outputs", []):
+        dtype = DATATYPES[entry["datatype"]]
+        shape = tuple(entry["shape"])
+        size = entry.get("parameters", {}).get("binary_data_size")
+        if size is not None:
+            arrays[entry["name"]] = np.frombuffer(body, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+            arrays[entry["name"]] = arrays[entry["name"]].reshape(shape)
+            offset += size
+        else:
+            arrays[entry["name"]] = np.asarray(entry["data"], dtype=dtype).reshape(shape)
+    return document, arrays

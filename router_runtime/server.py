@@ -1,0 +1,532 @@
+"""The HTTP server: Open Inference Protocol v2 on FastAPI/uvicorn, dynamic batching, metrics, API key.
+
+Client mistakes are answered with a 4xx naming the problem (``{"error": "..."}``, the OIP error
+shape); the server never answers 5xx for them and never dies from them. On SIGTERM readiness turns
+false at once, in-flight and queued requests finish, and the process exits within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router_runtime import __version__
+from router_runtime.batching import DynamicBatcher, Overloaded, Stopped
+from router_runtime.config import API_KEY_ENV, API_KEY_FILE_ENV, RuntimeFileConfig
+from router_runtime.metrics import CONTENT_TYPE, RuntimeMetrics
+from router_runtime.protocol import (
+    HEADER_LENGTH,
+    INPUT_NAME,
+    OUTPUT_COUNTS,
+    OUTPUT_INDICES,
+    OUTPUT_MOE,
+    OUTPUT_WEIGHTS,
+    ProtocolError,
+    decode_infer_request,
+    encode_infer_response,
+    parse_header_length,
+)
+from router_runtime.router import DynamicRouter
+
+log = logging.getLogger(__name__)
+
+MODEL_VERSION = "1"
+PLATFORM = "pytorch_moe_router"
+
+
+@dataclass
+class RoutedSlice:
+    """One request's share of a routed batch, as numpy arrays ready to encode."""
+
+    outputs: dict[str, np.ndarray]
+    mean_k: float
+    dropped_mass: float
+    flops_ratio: float
+    batch_tokens: int
+
+
+class RuntimeState:
+    """Readiness of this process: ready after start-up, not ready once draining for shutdown."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining
+
+
+def resolve_api_key(environ: dict[str, str] | None = None) -> str | None:
+    """The API key from ``MOE_ROUTER_API_KEY`` or the file named by ``MOE_ROUTER_API_KEY_FILE``."""
+    env = os.environ if environ is None else environ
+    key = env.get(API_KEY_ENV, "").strip()
+    if key:
+        return key
+    key_file = env.get(API_KEY_FILE_ENV, "").strip()
+    if key_file:
+        try:
+            key = Path(key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"{API_KEY_FILE_ENV}={key_file} cannot be read: {exc}") from exc
+        if not key:
+            raise ValueError(f"{API_KEY_FILE_ENV}={key_file} is empty")
+        return key
+    return None
+
+
+def _presented_key(request: Request) -> str | None:
+    authorization = request.headers.get("authorization")
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return request.headers.get("x-api-key")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+_TENSOR_SCHEMA = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "datatype": {"type": "string"},
+        "parameters": {"type": "object"},
+        "data": {"type": "array"},
+    },
+}
+_INFER_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": _TENSOR_SCHEMA},
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+            },
+        },
+    },
+}
+_INFER_RESPONSE_SCHEMA = {
+    "type": "object",
+    "required": ["model_name", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "outputs": {"type": "array", "items": _TENSOR_SCHEMA},
+    },
+}
+
+
+def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _json_response("The request is malformed; the message names the problem.", _ERROR_SCHEMA),
+    401: _json_response("Missing or wrong API key.", _ERROR_SCHEMA),
+    404: _json_response("Unknown model.", _ERROR_SCHEMA),
+    413: _json_response("Request body or token count over the limit.", _ERROR_SCHEMA),
+    503: _json_response("Queue full or shutting down; retry after Retry-After seconds.", _ERROR_SCHEMA),
+}
+_STATUS_SCHEMA = {"type": "object"}
+_INFER_OK = {
+    "description": "Routing decision; binary outputs follow a JSON header of Inference-Header-Content-Length bytes.",
+    "content": {
+        "application/json": {"schema": _INFER_RESPONSE_SCHEMA},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+#: JSON bodies above this size are decoded off the event loop so other requests keep moving.
+_OFFLOAD_JSON_BYTES = 256 * 1024
+
+
+def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: DynamicRouter | None = None) -> FastAPI:
+    """The OIP v2 app for ``config``; ``api_key`` (if set) guards model metadata and inference."""
+    router_config = config.router
+    server_config = config.server
+    model = router if router is not None else DynamicRouter(router_config)
+    state = RuntimeState()
+    metrics = RuntimeMetrics(model.cumulative.snapshot)
+    known_outputs: tuple[str, ...] = (OUTPUT_INDICES, OUTPUT_WEIGHTS, OUTPUT_COUNTS)
+    if router_config.experts.enabled:
+        known_outputs += (OUTPUT_MOE,)
+    expected_key = api_key.encode() if api_key else None
+
+    def route_batch(tokens: np.ndarray, sizes: Sequence[int]) -> list[RoutedSlice]:
+        """Runs on the batcher's worker thread: route the batch, cut it back into requests."""
+        result = model.route(torch.from_numpy(tokens))
+        indices = result.indices.numpy()
+        weights = result.weights.numpy()
+        k = result.k.numpy()
+        mass = result.selected_mass.numpy()
+        output = result.output.numpy() if result.output is not None else None
+        metrics.batch_tokens.observe(tokens.shape[0])
+        metrics.tokens.inc(tokens.shape[0])
+        slices: list[RoutedSlice] = []
+        start = 0
+        for size in sizes:
+            end = start + size
+            outputs = {
+                OUTPUT_INDICES: indices[start:end],
+                OUTPUT_WEIGHTS: weights[start:end],
+                OUTPUT_COUNTS: k[start:end],
+            }
+            if output is not None:
+                outputs[OUTPUT_MOE] = output[start:end]
+            mean_k = float(k[start:end].mean())
+            slices.append(
+                RoutedSlice(
+                    outputs=outputs,
+                    mean_k=mean_k,
+                    dropped_mass=max(0.0, 1.0 - float(mass[start:end].mean())),
+                    flops_ratio=mean_k / router_config.max_experts,
+                    batch_tokens=tokens.shape[0],
+                )
+            )
+            start = end
+        return slices
+
+    batching = server_config.batching
+    batcher: DynamicBatcher[RoutedSlice] = DynamicBatcher(
+        route_batch,
+        max_batch_tokens=batching.max_batch_tokens,
+        max_delay_s=batching.max_delay_ms / 1000.0,
+        max_queue_requests=batching.max_queue_requests,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await batcher.start()
+        state.started = True
+        log.info(
+            "router %r ready: d=%d E=%d k=[%d,%d] strategy=%s",
+            router_config.model_name,
+            router_config.input_dim,
+            router_config.num_experts,
+            router_config.min_experts,
+            router_config.max_experts,
+            router_config.strategy,
+        )
+        try:
+            yield
+        finally:
+            state.draining = True
+            await batcher.stop(server_config.shutdown_grace_seconds)
+
+    app = FastAPI(
+        title="MoE router runtime",
+        version=__version__,
+        description="Dynamic-expert routing behind the Open Inference Protocol v2 REST API.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = state
+    app.state.router = model
+    app.state.metrics = metrics
+    app.state.batcher = batcher
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _error(400, "; ".join(str(error.get("msg", error)) for error in exc.errors()))
+
+    def authorized(request: Request) -> bool:
+        if expected_key is None:
+            return True
+        presented = _presented_key(request)
+        return presented is not None and hmac.compare_digest(presented.encode(), expected_key)
+
+    def unauthorized() -> Response:
+        return _error(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+    def unknown_model(name: str) -> Response:
+        return _error(404, f"unknown model {name!r}; this server serves {router_config.model_name!r}")
+
+    def readiness() -> Response:
+        if state.ready:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False}, status_code=503)
+
+    @app.get("/v2/health/live", responses={200: _json_response("Alive.", _STATUS_SCHEMA)})
+    async def live() -> Response:
+        return JSONResponse({"live": True})
+
+    @app.get("/health", responses={200: _json_response("Alive.", _STATUS_SCHEMA)})
+    async def health() -> Response:
+        return JSONResponse({"live": True})
+
+    @app.get(
+        "/v2/health/ready",
+        responses={200: _json_response("Ready.", _STATUS_SCHEMA), 503: _json_response("Not ready.", _STATUS_SCHEMA)},
+    )
+    async def ready_v2() -> Response:
+        return readiness()
+
+    @app.get(
+        "/ready",
+        responses={200: _json_response("Ready.", _STATUS_SCHEMA), 503: _json_response("Not ready.", _STATUS_SCHEMA)},
+    )
+    async def ready() -> Response:
+        return readiness()
+
+    @app.get("/v2", responses={200: _json_response("Server metadata.", _STATUS_SCHEMA)})
+    async def server_metadata() -> Response:
+        return JSONResponse({"name": "moe-router", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    @app.get(
+        "/v2/models/{model_name}",
+        responses={200: _json_response("Model metadata.", _STATUS_SCHEMA), 401: _ERRORS[401], 404: _ERRORS[404]},
+    )
+    async def model_metadata(model_name: str, request: Request) -> Response:
+        if not authorized(request):
+            return unauthorized()
+        if model_name != router_config.model_name:
+            return unknown_model(model_name)
+        k_max = router_config.max_experts
+        outputs = [
+            {"name": OUTPUT_INDICES, "datatype": "INT64", "shape": [-1, k_max]},
+            {"name": OUTPUT_WEIGHTS, "datatype": "FP32", "shape": [-1, k_max]},
+            {"name": OUTPUT_COUNTS, "datatype": "INT64", "shape": [-1]},
+        ]
+        if router_config.experts.enabled:
+            outputs.append({"name": OUTPUT_MOE, "datatype": "FP32", "shape": [-1, router_config.input_dim]})
+        return JSONResponse(
+            {
+                "name": router_config.model_name,
+                "versions": [MODEL_VERSION],
+                "platform": PLATFORM,
+                "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, router_config.input_dim]}],
+                "outputs": outputs,
+                "parameters": {
+                    "strategy": router_config.strategy,
+                    "num_experts": router_config.num_experts,
+                    "min_experts": router_config.min_experts,
+                    "max_experts": k_max,
+                },
+            }
+        )
+
+    @app.get(
+        "/v2/models/{model_name}/ready",
+        responses={
+            200: _json_response("Model ready.", _STATUS_SCHEMA),
+            404: _ERRORS[404],
+            503: _json_response("Not ready.", _STATUS_SCHEMA),
+        },
+    )
+    async def model_ready(model_name: str) -> Response:
+        if model_name != router_config.model_name:
+            return unknown_model(model_name)
+        return readiness()
+
+    @app.get("/metrics", responses={200: {"description": "Prometheus metrics.", "content": {"text/plain": {}}}})
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    async def read_body(request: Request) -> bytes:
+        limit = server_config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ProtocolError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def infer_response(model_name: str, request: Request) -> Response:
+        if not authorized(request):
+            metrics.errors.labels("unauthorized").inc()
+            return unauthorized()
+        if model_name != router_config.model_name:
+            metrics.errors.labels("unknown_model").inc()
+            return unknown_model(model_name)
+        try:
+            body = await read_body(request)
+            header_length = parse_header_length(request.headers.get(HEADER_LENGTH.lower()), len(body))
+            decode = functools.partial(
+                decode_infer_request,
+                body,
+                header_length,
+                input_dim=router_config.input_dim,
+                max_tokens=server_config.max_request_tokens,
+                known_outputs=known_outputs,
+            )
+            offload = header_length is None and len(body) > _OFFLOAD_JSON_BYTES
+            decoded = await asyncio.to_thread(decode) if offload else decode()
+            routed = await batcher.submit(decoded.tokens)
+        except ProtocolError as exc:
+            metrics.errors.labels("too_large" if exc.status == 413 else "bad_request").inc()
+            return _error(exc.status, exc.message)
+        except Overloaded as exc:
+            metrics.errors.labels("overloaded").inc()
+            return _error(503, str(exc), {"Retry-After": str(exc.retry_after)})
+        except Stopped as exc:
+            metrics.errors.labels("shutting_down").inc()
+            return _error(503, str(exc), {"Retry-After": "1"})
+        lead = decoded.shape[:-1]
+        outputs = {}
+        for name in decoded.outputs:
+            array = routed.outputs[name]
+            outputs[name] = array.reshape(lead + array.shape[1:])
+        encoded = encode_infer_response(
+            router_config.model_name,
+            MODEL_VERSION,
+            outputs,
+            request_id=decoded.request_id,
+            binary=decoded.binary_outputs,
+            parameters={
+                "mean_k": routed.mean_k,
+                "dropped_mass": routed.dropped_mass,
+                "flops_ratio": routed.flops_ratio,
+                "batch_tokens": routed.batch_tokens,
+            },
+        )
+        headers = {} if encoded.json_header_length is None else {HEADER_LENGTH: str(encoded.json_header_length)}
+        return Response(encoded.body, media_type=encoded.content_type, headers=headers)
+
+    @app.post(
+        "/v2/models/{model_name}/infer",
+        responses={200: _INFER_OK, **_ERRORS},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": _INFER_REQUEST_SCHEMA},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def infer(model_name: str, request: Request) -> Response:
+        started = time.perf_counter()
+        metrics.inflight.inc()
+        try:
+            response = await infer_response(model_name, request)
+        except Exception:
+            log.exception("inference failed")
+            metrics.errors.labels("internal").inc()
+            response = _error(500, "internal error while routing; see the server log")
+        finally:
+            metrics.inflight.dec()
+        metrics.requests.labels(str(response.status_code)).inc()
+        metrics.request_duration.observe(time.perf_counter() - started)
+        return response
+
+    return app
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs the container may use (cgroup v2 ``cpu.max`` or v1 CFS quota), rounded up; None when unlimited."""
+    try:
+        if (root / "cpu.max").is_file():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            if quota == "max":
+                return None
+            return max(1, math.ceil(int(quota) / int(period)))
+        v1_quota = root / "cpu" / "cpu.cfs_quota_us"
+        if v1_quota.is_file():
+            quota_us = int(v1_quota.read_text())
+            period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 else max(1, math.ceil(quota_us / period_us))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def fit_threads_to_cpu_limit() -> None:
+    """Use no more torch threads than the pod's CPU limit unless OMP_NUM_THREADS says otherwise.
+
+    torch sizes its pool from the node's cores; in a pod limited to 2 CPUs on a 64-core node that
+    oversubscribes the quota and throttles every batch.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    limit = cgroup_cpu_limit()
+    if limit is not None and limit < torch.get_num_threads():
+        log.info("CPU limit is %d: using %d torch threads instead of %d", limit, limit, torch.get_num_threads())
+        torch.set_num_threads(limit)
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn that turns readiness false the moment SIGTERM/SIGINT arrives, before draining."""
+
+    def __init__(self, config: uvicorn.Config, state: RuntimeState) -> None:
+        super().__init__(config)
+        self._runtime_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self._runtime_state.draining:
+            log.info("received %s: readiness off, draining in-flight requests", signal.Signals(sig).name)
+        self._runtime_state.draining = True
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        # A drained SIGTERM is a clean stop: exit 0 rather than re-raising the signal afterwards.
+        if sig == signal.SIGTERM and captured and captured[-1] == sig:
+            captured.pop()
+
+
+def serve(
+    config: RuntimeFileConfig,
+    api_key: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    log_level: str = "info",
+) -> int:
+    """Serve ``config`` with uvicorn on ``host:port`` (defaults from ``config.server``) until SIGTERM."""
+    fit_threads_to_cpu_limit()
+    app = create_app(config, api_key=api_key)
+    grace = config.server.shutdown_grace_seconds
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=host if host is not None else config.server.host,
+        port=port if port is not None else config.server.port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(grace)) if grace > 0 else None,
+    )
+    server = _DrainingServer(uvicorn_config, app.state.runtime)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,110 @@
+"""Back-pressure (503 + Retry-After when the queue is full) and graceful SIGTERM of the real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from router_runtime.client import route, wait_ready
+from router_runtime.config import RuntimeFileConfig
+from router_runtime.protocol import encode_request
+from router_runtime.router import DynamicRouter, RoutingResult
+from tests.integration.runtime.conftest import small_config
+from tests.integration.runtime.serving import running_server
+
+
+class GatedRouter(DynamicRouter):
+    """A real router whose routing waits until the test opens the gate: a deterministic slow backend."""
+
+    def __init__(self, config: RuntimeFileConfig) -> None:
+        super().__init__(config.router)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def route(self, x: torch.Tensor | np.ndarray, **kwargs: bool) -> RoutingResult:
+        self.entered.set()
+        self.gate.wait(timeout=30)
+        return super().route(x, **kwargs)
+
+
+def test_full_queue_is_answered_503_with_retry_after() -> None:
+    wire = small_config().model_dump(by_alias=True, mode="json")
+    wire["server"]["batching"]["maxQueueRequests"] = 1
+    config = RuntimeFileConfig.model_validate(wire)
+    router = GatedRouter(config)
+    body, headers = encode_request(np.full((300, 16), 0.1, np.float32), binary=True)
+    with running_server(config, router=router) as (url, app), ThreadPoolExecutor(2) as pool:
+        infer = url + "/v2/models/tiny/infer"
+        try:
+            first = pool.submit(httpx.post, infer, content=body, headers=headers, timeout=30)
+            assert router.entered.wait(10)  # the worker thread is now busy with the first request
+            second = pool.submit(httpx.post, infer, content=body, headers=headers, timeout=30)
+            deadline = time.monotonic() + 10
+            while app.state.batcher.queued < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            rejected = httpx.post(infer, content=body, headers=headers, timeout=30)
+        finally:
+            router.gate.set()
+        assert first.result().status_code == 200
+        assert second.result().status_code == 200
+    assert rejected.status_code == 503
+    assert rejected.headers["retry-after"] == "1"
+    assert "overloaded" in rejected.json()["error"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_within_grace(tmp_path: Path) -> None:
+    config = small_config().model_dump(by_alias=True, mode="json")
+    config["server"]["batching"]["maxDelayMs"] = 1000.0  # keeps the request in flight while SIGTERM arrives
+    config["server"]["shutdownGraceSeconds"] = 10.0
+    config_file = tmp_path / "router.yaml"
+    config_file.write_text(RuntimeFileConfig.model_validate(config).to_yaml())
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "router_runtime", "serve", "--config", str(config_file), "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning"],
+        env=os.environ | {"MOE_ROUTER_API_KEY": ""},
+    )  # fmt: skip
+    try:
+        wait_ready(url, timeout=60)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(route, url, "tiny", np.ones((4, 16), np.float32))
+            deadline = time.monotonic() + 10
+            while "moe_router_inflight_requests 1.0" not in httpx.get(url + "/metrics").text:
+                assert time.monotonic() < deadline, "the request never reached the server"
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            result = pending.result(timeout=15)
+        assert result.k.shape == (4,)
+        assert process.wait(timeout=10) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_readiness_turns_false_while_draining() -> None:
+    with running_server(small_config()) as (url, app):
+        app.state.runtime.draining = True
+        assert httpx.get(url + "/v2/health/ready").status_code == 503
+        assert httpx.get(url + "/ready").json() == {"ready": False}
+        assert httpx.get(url + "/v2/health/live").status_code == 200

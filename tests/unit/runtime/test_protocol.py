@@ -1,0 +1,145 @@
+"""The OIP v2 codec: decoding JSON and binary requests, rejecting bad ones by name, encoding answers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from router_runtime.protocol import (
+    ProtocolError,
+    decode_infer_request,
+    decode_response,
+    encode_infer_response,
+    encode_request,
+    parse_header_length,
+)
+
+KNOWN = ("expert_indices", "expert_weights", "num_experts")
+
+
+def decode(body: bytes, header_length: int | None = None, max_tokens: int = 100):
+    return decode_infer_request(body, header_length, input_dim=4, max_tokens=max_tokens, known_outputs=KNOWN)
+
+
+def request(shape: list[int], data: object, **extra: object) -> bytes:
+    tensor = {"name": "hidden_states", "shape": shape, "datatype": "FP32", "data": data}
+    return json.dumps({"inputs": [tensor], **extra}).encode()
+
+
+def typed(datatype: str) -> bytes:
+    tensor = {"name": "hidden_states", "shape": [1, 4], "datatype": datatype, "data": [0] * 4}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def test_json_request_decodes_to_float32_tokens() -> None:
+    decoded = decode(request([2, 4], list(range(8))))
+    assert decoded.tokens.dtype == np.float32
+    assert decoded.tokens.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert decoded.outputs == KNOWN and not decoded.binary_outputs
+
+
+def test_nested_json_data_is_accepted() -> None:
+    assert decode(request([1, 2, 4], [[[1, 2, 3, 4], [5, 6, 7, 8]]])).tokens.shape == (2, 4)
+
+
+def test_binary_request_round_trips_the_tensor() -> None:
+    x = np.random.default_rng(0).standard_normal((3, 4), dtype=np.float32)
+    body, headers = encode_request(x, binary=True)
+    decoded = decode(body, parse_header_length(headers["Inference-Header-Content-Length"], len(body)))
+    assert np.array_equal(decoded.tokens, x)
+    assert decoded.binary_outputs == frozenset(KNOWN)
+
+
+def test_per_output_binary_flag_is_honoured() -> None:
+    body = request([1, 4], [0] * 4, outputs=[{"name": "num_experts", "parameters": {"binary_data": True}}])
+    decoded = decode(body)
+    assert decoded.outputs == ("num_experts",) and decoded.binary_outputs == {"num_experts"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"", 400, "empty request body"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        (b"{bad", 400, "malformed JSON"),
+        (b"\xff\xfe", 400, "malformed JSON"),
+        (request([2, 5], [0] * 10), 400, "dimension mismatch"),
+        (request([8], [0] * 8), 400, "wrong shape"),
+        (request([2, -1, 4], [0] * 8), 400, "must be >= 0"),
+        (request([0, 4], []), 400, "empty tensor"),
+        (request([101, 4], [0] * 404), 413, "too many tokens"),
+        (request([2, 4], [0] * 7), 400, "holds 7 values"),
+        (request([2, 4], [[0, 1], [2]]), 400, "array of numbers"),
+        (request([1, 4], [1e39, 0, 0, 0]), 400, "NaN or Inf"),
+        (request([1, 4], [0] * 4, outputs=[{"name": "logits"}]), 400, "unknown output 'logits'"),
+        (request([1, 4], [0] * 4, id=5), 400, "'id' must be a string"),
+        (typed("FP16"), 400, "wrong datatype 'FP16'"),
+        (typed("X"), 400, "unknown datatype 'X'"),
+    ],
+)  # fmt: skip
+def test_bad_requests_raise_a_protocol_error_naming_the_problem(body: bytes, status: int, fragment: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode(body)
+    assert caught.value.status == status
+    assert fragment in caught.value.message
+
+
+def test_truncated_binary_tensor_is_named() -> None:
+    body, headers = encode_request(np.zeros((2, 4), np.float32), binary=True)
+    with pytest.raises(ProtocolError, match="truncated binary body"):
+        decode(body[:-1], int(headers["Inference-Header-Content-Length"]))
+
+
+def test_binary_size_must_match_the_shape() -> None:
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "hidden_states", "shape": [2, 4], "datatype": "FP32", "parameters": {"binary_data_size": 4}}
+            ]
+        }
+    ).encode()
+    with pytest.raises(ProtocolError, match="needs 32 bytes"):
+        decode(header + b"\0" * 4, len(header))
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"), [("abc", "must be an integer"), ("-1", ">= 0"), ("99", "only 10 bytes")]
+)
+def test_bad_header_length_is_named(value: str, fragment: str) -> None:
+    with pytest.raises(ProtocolError, match=fragment):
+        parse_header_length(value, 10)
+
+
+def test_response_round_trips_json_and_binary_outputs() -> None:
+    outputs: dict[str, np.ndarray] = {
+        "expert_indices": np.array([[1, -1]], np.int64),
+        "expert_weights": np.array([[1.0, 0.0]], np.float32),
+    }
+    encoded = encode_infer_response("m", "1", outputs, request_id="r", binary=frozenset({"expert_weights"}))
+    document, arrays = decode_response(encoded.body, encoded.json_header_length)
+    assert document["id"] == "r" and document["model_name"] == "m"
+    assert arrays["expert_indices"].tolist() == [[1, -1]]
+    assert arrays["expert_weights"].tolist() == [[1.0, 0.0]]
+    assert encoded.content_type == "application/octet-stream"
+
+
+def test_all_json_response_has_no_header_length() -> None:
+    encoded = encode_infer_response("m", "1", {"num_experts": np.array([2], np.int64)})
+    assert encoded.json_header_length is None and encoded.content_type == "application/json"
+    assert json.loads(encoded.body)["outputs"][0] == {
+        "name": "num_experts",
+        "shape": [1],
+        "datatype": "INT64",
+        "data": [2],
+    }
+
+
+def test_non_finite_values_in_a_binary_tensor_are_rejected() -> None:
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.zeros((2, 4), np.float32)
+        x[1, 2] = bad
+        body, headers = encode_request(x, binary=True)
+        with pytest.raises(ProtocolError, match="NaN or Inf"):
+            decode(body, int(headers["Inference-Header-Content-Length"]))
