@@ -180,7 +180,7 @@ def test_2_spec_change_rolls_the_pods(k8s: Cluster) -> None:
         return str(deployment["spec"]["template"]["metadata"]["annotations"]["moerouter.io/config-hash"])
 
     before = config_hash()
-    k8s.patch("moerouter.io/v1alpha1", "MoERouter", "e2e-router", {"spec": {"router": {"topP": 0.8}}},
+    k8s.patch("moerouter.io/v1alpha1", "MoERouter", "e2e-router", {"spec": {"router": {"topP": 0.65}}},
               "application/merge-patch+json")
     eventually(lambda: config_hash() != before, message="the config hash on the pod template changes")
 

@@ -51,7 +51,7 @@ async def test_the_standby_pauses_and_takes_over_when_the_leader_stops(tmp_path)
             await k8s.process.wait()
             await eventually(lambda: "Resuming" in standby_log.read_text(errors="replace"), within=60,
                              message="the standby resumes once the leader is gone")
-            await k8s.patch_router("demo-router", {"spec": {"router": {"topP": 0.8}}})
+            await k8s.patch_router("demo-router", {"spec": {"router": {"topP": 0.65}}})
             await eventually(lambda: config_hash(k8s) not in (None, first), within=30,
                              message="the former standby applies the spec change")
         finally:

@@ -96,14 +96,14 @@ async def test_spec_change_updates_children_and_rolls_the_pods(tmp_path):
         await ready_router(k8s)
         before = deployment(k8s)
         old_hash = before["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
-        await k8s.patch_router("demo-router", {"spec": {"router": {"topP": 0.8}}})
+        await k8s.patch_router("demo-router", {"spec": {"router": {"topP": 0.65}}})
         after = await eventually(
             lambda: deployment(k8s)["metadata"]["generation"] > before["metadata"]["generation"]
             and deployment(k8s),
             message="the Deployment's template changed",
         )
         assert after["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] != old_hash
-        assert "topP: 0.8" in k8s.get("", "v1", "configmaps", "demo-router-config")["data"]["router.yaml"]
+        assert "topP: 0.65" in k8s.get("", "v1", "configmaps", "demo-router-config")["data"]["router.yaml"]
         await eventually(lambda: k8s.router()["status"].get("observedGeneration") == 2,
                          message="status.observedGeneration follows the spec")
 
