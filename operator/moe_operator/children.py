@@ -97,6 +97,11 @@ def config_map_name(router_name: str) -> str:
     return f"{router_name}-config"
 
 
+def child_name(resource: ChildResource, router_name: str) -> str:
+    """The name a MoERouter's child of this kind has."""
+    return config_map_name(router_name) if resource.kind == CONFIG_MAP.kind else router_name
+
+
 def runtime_file_config(spec: MoERouterSpec) -> RuntimeFileConfig:
     """The ``router.yaml`` the runtime reads: the router schema plus the server settings from spec.runtime."""
     grace = max(spec.runtime.termination_grace_period_seconds - SHUTDOWN_MARGIN_SECONDS, 0.0)

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from moe_operator.api import GROUP, PLURAL, VERSION
-from moe_operator.children import CHILD_RESOURCES, ChildResource, config_map_name
+from moe_operator.children import CHILD_RESOURCES, ChildResource, child_name
 from moe_operator.kube import Kube, Resource
 from moe_operator.labels import CONFIG_HASH_ANNOTATION
 from moe_operator.sandbox import SandboxThread, free_port
@@ -118,7 +118,7 @@ def show_operator(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
     children = [
         obj
         for child in CHILD_RESOURCES
-        for obj in [get(resource_of(child), config_map_name(name) if child.kind == "ConfigMap" else name)]
+        for obj in [get(resource_of(child), child_name(child, name))]
         if obj is not None
     ]
     banner(f"Children of MoERouter {namespace}/{name} (owned by it, labelled managed-by=moe-router-operator)")

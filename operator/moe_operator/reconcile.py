@@ -22,9 +22,8 @@ from moe_operator.api import MoERouterSpec, SpecError, parse_spec
 from moe_operator.children import (
     CHILD_RESOURCES,
     DEPLOYMENT,
-    ChildResource,
     Owner,
-    config_map_name,
+    child_name,
     desired_children,
 )
 from moe_operator.kube import MOEROUTERS, Kube, KubeError
@@ -91,10 +90,6 @@ def already_judged(child: Mapping[str, Any]) -> bool:
     key = (str(child.get("kind")), metadata.get("namespace") or "default", metadata.get("name") or "")
     version = metadata.get("resourceVersion")
     return version is not None and _in_sync.get(key) == str(version)
-
-
-def child_name(resource: ChildResource, router_name: str) -> str:
-    return config_map_name(router_name) if resource.kind == "ConfigMap" else router_name
 
 
 def predictive_floor(spec: MoERouterSpec, status: Mapping[str, Any]) -> int | None:
