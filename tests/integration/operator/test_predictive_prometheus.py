@@ -78,3 +78,49 @@ async def test_the_hpa_floor_rises_ahead_of_a_daily_ramp(tmp_path):
             assert hpa["spec"]["minReplicas"] == prediction["appliedMinReplicas"]
             deployment = k8s.get("apps", "v1", "deployments", "demo-router")
             assert deployment["spec"]["replicas"] >= hpa["spec"]["minReplicas"]  # the fake HPA controller followed
+
+
+def hpa_min_replicas(k8s) -> int:
+    hpa = k8s.get("autoscaling", "v2", "horizontalpodautoscalers", "demo-router") or {}
+    return int(hpa.get("spec", {}).get("minReplicas", 0))
+
+
+async def test_a_prometheus_outage_holds_the_floor_for_the_grace_period_then_decays_and_recovers(tmp_path):
+    now = time.time()
+    times = np.arange(now - 6 * DAY, now, STEP)
+    rates = office_hours(times, rise_at=now + RISE_IN_SECONDS)
+    labels = {"namespace": "default", "service": "demo-router"}
+    body = predictive_router("")
+    predictive = body["spec"]["autoscaling"]["predictive"]
+    predictive.update(gracePeriodSeconds=20, scaleDownStabilizationSeconds=20)
+    with start_prometheus(tmp_path / "prom", [SeriesSpec(labels, times.tolist(), rates.tolist())]) as prometheus:
+        predictive["prometheus"]["url"] = prometheus.url
+        async with cluster(tmp_path) as k8s:
+            await k8s.apply_router(body)
+            await eventually(lambda: hpa_min_replicas(k8s) == 6, within=90, message="the floor is raised to 6")
+
+            prometheus.stop()
+            outage = await eventually(
+                lambda: (k8s.condition("demo-router", "PredictionReady") or {}).get("reason")
+                == "PrometheusUnavailable" and k8s.condition("demo-router", "PredictionReady"),
+                within=60, message="PredictionReady reports PrometheusUnavailable",
+            )
+            assert outage["status"] == "False"
+            assert hpa_min_replicas(k8s) == 6  # the last good floor is kept through the grace period
+
+            seen: list[int] = []
+
+            def decayed() -> bool:
+                seen.append(hpa_min_replicas(k8s))
+                return seen[-1] == 2
+
+            await eventually(decayed, within=90, message="the floor decays to spec.autoscaling.minReplicas")
+            assert seen == sorted(seen, reverse=True), f"the floor flapped while decaying: {seen}"
+            assert k8s.process.returncode is None  # the operator did not crash
+
+            prometheus.start()
+            await eventually(
+                lambda: (k8s.condition("demo-router", "PredictionReady") or {}).get("status") == "True",
+                within=90, message="PredictionReady recovers once Prometheus is back",
+            )
+            await eventually(lambda: hpa_min_replicas(k8s) == 6, within=60, message="the floor is raised again")
