@@ -6,7 +6,9 @@ clamped to ``[k_min, k_max]``; none loops over tokens in Python.
 
 from __future__ import annotations
 
+import functools
 import math
+import statistics
 
 import torch
 
@@ -14,20 +16,34 @@ import torch
 def top_p_counts(ordered_probs: torch.Tensor, top_p: float, k_min: int, k_max: int) -> torch.Tensor:
     """Smallest prefix of ``ordered_probs [T, K]`` whose cumulative probability reaches ``top_p``.
 
-    A slot is needed while the mass before it is still below ``top_p`` (Huang et al. 2024).
+    A slot is needed while the mass before it is still below ``top_p`` (Huang et al. 2024). The first
+    slot always is (``top_p > 0``), so k = 1 + #{j < K-1 : cumsum_j < top_p}: three small ops.
     """
-    mass_before = ordered_probs.cumsum(-1).sub_(ordered_probs)
-    return (mass_before < top_p).sum(-1).clamp_(k_min, k_max)
+    slots = min(ordered_probs.shape[-1], k_max)
+    if slots <= 1:
+        return torch.full(ordered_probs.shape[:-1], max(k_min, 1), dtype=torch.int64).clamp_(max=k_max)
+    prefix = ordered_probs[..., : slots - 1]
+    cumulative = prefix.cumsum(-1) if slots > 2 else prefix
+    counts = (cumulative < top_p).sum(-1).add_(1)
+    return counts.clamp_(min=k_min) if k_min > 1 else counts
 
 
-def entropy_counts(probs: torch.Tensor, log_probs: torch.Tensor, k_min: int, k_max: int) -> torch.Tensor:
+def entropy_counts(
+    probs: torch.Tensor, shifted: torch.Tensor, normaliser: torch.Tensor | None, k_min: int, k_max: int
+) -> torch.Tensor:
     """k = round(exp(H)) = round(E ** (H / log E)): the effective number of experts of ``probs [T, E]``.
 
     The perplexity of the normalised entropy is exactly m for a distribution spread evenly over m
     experts and 1 for a one-hot one, so a confident token gets one expert and an undecided one several.
+    With ``log p = shifted - log Z`` (``shifted`` the max-shifted logits, ``normaliser`` Z ``[T]``, or
+    the log-probabilities and ``None`` for Z = 1): exp(H) = Z * exp(-sum_e p_e shifted_e), one dot
+    product and no logarithm. ``shifted <= 0`` and ``p_e shifted_e >= -1/e`` keep the exponent below
+    E/e, far from overflow.
     """
-    entropy = (probs * log_probs).sum(-1).neg_()
-    return entropy.exp_().round_().to(torch.int64).clamp_(k_min, k_max)
+    perplexity = torch.linalg.vecdot(probs, shifted).neg_().exp_()
+    if normaliser is not None:
+        perplexity.mul_(normaliser)
+    return perplexity.round_().clamp_(k_min, k_max).to(torch.int64)
 
 
 def quantile_to_counts(quantile: torch.Tensor, k_min: int, k_max: int) -> torch.Tensor:
@@ -76,10 +92,28 @@ class ComplexityCalibrator:
         return torch.special.erf(z).add_(1.0).mul_(0.5)
 
     def counts(self, raw: torch.Tensor, k_min: int, k_max: int, update: bool = True) -> torch.Tensor:
-        """k ``[T]`` for raw complexity scores ``[T]``; the batch joins the calibration first."""
+        """k ``[T]`` for raw complexity scores ``[T]``; the batch joins the calibration first.
+
+        Equal to ``quantile_to_counts(self.quantile(raw), ...)`` but cheaper: the CDF is monotone, so
+        the k boundaries are moved into the raw score's units (mean + std * Phi^-1(j / span)) and
+        one ``bucketize`` counts the boundaries each score has passed.
+        """
         if update:
             self.update(raw)
-        return quantile_to_counts(self.quantile(raw), k_min, k_max)
+        span = k_max - k_min + 1
+        if span == 1:
+            return torch.full(raw.shape, k_min, dtype=torch.int64)
+        std = math.sqrt(max(self.var, 1e-12))
+        boundaries = torch.tensor([self.mean + std * z for z in _normal_quantiles(span)], dtype=torch.float32)
+        counts = torch.bucketize(raw.to(torch.float32), boundaries, right=True)
+        return counts.add_(k_min) if k_min else counts
+
+
+@functools.lru_cache(maxsize=64)
+def _normal_quantiles(span: int) -> tuple[float, ...]:
+    """Standard normal quantiles Phi^-1(j / span), j = 1..span-1: where k steps up by one."""
+    normal = statistics.NormalDist()
+    return tuple(normal.inv_cdf(j / span) for j in range(1, span))
 
 
 def logit_spread_score(logits: torch.Tensor) -> torch.Tensor:
@@ -88,9 +122,10 @@ def logit_spread_score(logits: torch.Tensor) -> torch.Tensor:
     The spread of the projected hidden state sets the router's temperature for that token: a small
     spread means a flat distribution, an ambiguous token and more experts. It costs no extra pass over
     the activations; a trained probe (``complexity.weight``) replaces it when the weights provide one.
-    Written as E[l^2] - E[l]^2 because ``Tensor.std`` over a short last dim is slow on CPU; pass the
-    max-shifted logits for numerical safety (the spread is shift invariant).
+    Written as E[l^2] - E[l]^2 with a dot product and a matrix-vector product because reductions over a
+    short last dim are slow on CPU; pass the max-shifted logits for numerical safety (shift invariant).
     """
-    mean = logits.mean(dim=-1)
-    variance = logits.square().mean(dim=-1).sub_(mean.square_())
+    e = logits.shape[-1]
+    mean = logits @ torch.full((e,), 1.0 / e, dtype=logits.dtype)
+    variance = torch.linalg.vecdot(logits, logits).div_(e).sub_(mean.square_())
     return variance.clamp_(min=1e-24).log_().mul_(-0.5)

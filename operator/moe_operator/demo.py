@@ -178,9 +178,11 @@ def simulate(workdir: Path) -> None:
     if not trace.exists():
         trace_format = "rate"
         trace = workdir / "synthetic-daily.csv"
-        seconds = np.arange(0, 4 * 86400, 300)
-        noise = np.random.default_rng(1).normal(0, 3, seconds.size)
-        rate = np.maximum(40 + 30 * np.sin(2 * np.pi * (seconds / 86400 - 0.3)) + noise, 0)
+        # Ten days of office hours: 2 requests/s at night, a steep morning ramp to 14, 5% noise, 5-min steps.
+        seconds = np.arange(0, 10 * 86400, 300)
+        hour = (seconds % 86400) / 3600
+        office = 1 / (1 + np.exp(-8 * (hour - 8))) / (1 + np.exp(-8 * (20 - hour)))
+        rate = (2 + 12 * office) * np.random.default_rng(1).normal(1.0, 0.05, seconds.size)
         rows = "".join(f"{int(t)},{r:.3f}\n" for t, r in zip(seconds, rate, strict=True))
         trace.write_text("timestamp,value\n" + rows)
     plot = OUT / "demo-simulation.png"
