@@ -11,23 +11,32 @@ tokens. For the binary tensor extension and for JSON tensors it measures
   time, so queueing is not hidden), p50/p99;
 
 and compares the binary saturation throughput with in-process ``DynamicRouter.route`` on 8192-token
-batches (the issue's target: >= 40 %, and p99 < 50 ms at half of saturation).
+batches (the issue's target: >= 40 %, and p99 < 50 ms at half of saturation). When Debian's ``wrk`` is
+installed the binary saturation runs are repeated with ``wrk -t1`` (C, a Lua script posts the body),
+a lighter generator than Python. Each run also reports the CPU per request of the server, of its
+event-loop thread and of the generator. Everything shares the machine's cores, unpinned.
 
-    .venv/bin/python benchmarks/router_http.py [--duration 8] [--json out.json]
+    .venv/bin/python benchmarks/router_http.py [--duration 8] [--modes binary json] [--no-wrk] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import os
+import re
+import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +169,93 @@ def loadgen(args: argparse.Namespace) -> int:
     return 0
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of ``pid``, from /proc (Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    result: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            result[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return result
+
+
+def measured(server_pid: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``run()``'s result plus the CPU the server (event loop thread vs the rest) and the generator spent."""
+    before, children_before = thread_cpu_seconds(server_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run()
+    after, children_after = thread_cpu_seconds(server_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop_thread = spent.get(server_pid, 0.0)  # the main thread (tid == pid) runs the event loop
+    generator = (children_after.ru_utime + children_after.ru_stime) - (
+        children_before.ru_utime + children_before.ru_stime
+    )
+    requests = max(int(result["requests"]), 1)
+    return result | {
+        "server_cpu_ms_per_request": sum(spent.values()) / requests * 1e3,
+        "event_loop_cpu_ms_per_request": loop_thread / requests * 1e3,
+        "generator_cpu_ms_per_request": generator / requests * 1e3,
+    }
+
+
 def run_loadgen(port: int, mode: str, duration: float, concurrency: int = 0, rate: float = 0.0) -> dict[str, Any]:
     command = [sys.executable, __file__, "--loadgen", "--port", str(port), "--mode", mode]
     command += ["--duration", str(duration), "--concurrency", str(concurrency), "--rate", str(rate)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
-    return result
+    return result | {"generator": "python-asyncio"}
+
+
+WRK_SCRIPT = """
+local f = assert(io.open(os.getenv("MOE_BENCH_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Inference-Header-Content-Length"] = os.getenv("MOE_BENCH_HEADER_LENGTH")
+"""
+
+
+def run_wrk(wrk: str, port: int, duration: float, concurrency: int) -> dict[str, Any]:
+    """Closed loop with Debian's ``wrk`` (C, one thread): the binary request, ``concurrency`` connections."""
+    from router_runtime.protocol import encode_request
+
+    tokens = np.random.default_rng(0).standard_normal((TOKENS_PER_REQUEST, 768), dtype=np.float32)
+    body, headers = encode_request(tokens, binary=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "body").write_bytes(body)
+        (Path(tmp) / "post.lua").write_text(WRK_SCRIPT)
+        env = os.environ | {
+            "MOE_BENCH_BODY": str(Path(tmp) / "body"),
+            "MOE_BENCH_HEADER_LENGTH": headers["Inference-Header-Content-Length"],
+        }
+        command = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency"]
+        command += ["-s", str(Path(tmp) / "post.lua"), f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"]
+        output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return parse_wrk(output) | {"concurrency": concurrency, "generator": "wrk"}
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """Requests, errors, req/s and p50/p99 from ``wrk --latency`` output."""
+    units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+    def millis(text: str) -> float:
+        match = re.fullmatch(r"([0-9.]+)(us|ms|s)", text)
+        return float(match.group(1)) * units[match.group(2)] if match else float("nan")
+
+    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", output).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = int(non_2xx.group(1)) if non_2xx else 0
+    pct = {m.group(1): millis(m.group(2)) for m in re.finditer(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)", output, re.M)}
+    return {
+        "requests": requests - errors,
+        "errors": errors,
+        "req_per_s": rate,
+        "tokens_per_s": rate * TOKENS_PER_REQUEST,
+        "p50_ms": pct.get("50", float("nan")),
+        "p99_ms": pct.get("99", float("nan")),
+    }
 
 
 def in_process_tokens_per_s(threads: int) -> float:
@@ -199,7 +289,12 @@ def bench(args: argparse.Namespace) -> int:
     from router_runtime.config import RuntimeFileConfig
 
     load = os.getloadavg()[0]
-    print(f"machine: {os.cpu_count()} cores, load average {load:.2f}; {TOKENS_PER_REQUEST} tokens/request")
+    wrk = None if args.no_wrk else shutil.which("wrk")
+    print(
+        f"machine: {os.cpu_count()} cores (server, load generator and in-process reference all share them, "
+        f"no pinning), load average {load:.2f}; {TOKENS_PER_REQUEST} tokens/request; load generators: "
+        f"python-asyncio{' and wrk' if wrk else ' (wrk not installed)'}"
+    )
     before = in_process_tokens_per_s(args.threads)
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,14 +307,24 @@ def bench(args: argparse.Namespace) -> int:
         results: list[dict[str, Any]] = []
         try:
             wait_ready(f"http://127.0.0.1:{port}", timeout=60)
-            for mode in ("binary", "json"):
+            pid = server.pid
+            for mode in args.modes:
                 saturated = [
-                    run_loadgen(port, mode, args.duration, concurrency=c) | {"mode": mode, "phase": "saturation"}
+                    measured(pid, functools.partial(run_loadgen, port, mode, args.duration, concurrency=c))
+                    | {"mode": mode, "phase": "saturation"}
                     for c in args.concurrency
                 ]
+                if mode == "binary" and wrk:
+                    saturated += [
+                        measured(pid, functools.partial(run_wrk, wrk, port, args.duration, c))
+                        | {"mode": mode, "phase": "saturation"}
+                        for c in args.concurrency
+                    ]
                 results += saturated
                 best = max(saturated, key=lambda r: r["req_per_s"])
-                half = run_loadgen(port, mode, args.duration, rate=best["req_per_s"] / 2)
+                half = measured(
+                    pid, functools.partial(run_loadgen, port, mode, args.duration, rate=best["req_per_s"] / 2)
+                )
                 results.append(half | {"mode": mode, "phase": "half saturation"})
         finally:
             server.terminate()
@@ -227,16 +332,21 @@ def bench(args: argparse.Namespace) -> int:
     # The faster of two in-process measurements (before and after the load), so the ratio is not flattered.
     reference = max(before, in_process_tokens_per_s(args.threads))
     print(f"in-process DynamicRouter.route, T=8192, {args.threads} threads: {reference / 1e6:.3f} M tokens/s (best)")
-    columns = ("conc/rate", "req/s", "Mtok/s", "p50 ms", "p99 ms", "errors")
-    print(f"{'mode':<7} {'phase':<16} " + " ".join(f"{c:>9}" for c in columns))
+    columns = ("conc/rate", "req/s", "Mtok/s", "p50 ms", "p99 ms", "errors", "srv ms/r", "loop ms/r", "gen ms/r")
+    print(f"{'mode':<7} {'phase':<16} {'generator':<15}" + " ".join(f"{c:>9}" for c in columns))
     for r in results:
         load_label = f"c={r['concurrency']}" if "concurrency" in r else f"{r['rate']:.0f}/s"
         print(
-            f"{r['mode']:<7} {r['phase']:<16} {load_label:>9} {r['req_per_s']:>9.1f} {r['tokens_per_s'] / 1e6:>9.3f} "
-            f"{r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['errors']:>9}"
+            f"{r['mode']:<7} {r['phase']:<16} {r['generator']:<15}{load_label:>9} {r['req_per_s']:>9.1f} "
+            f"{r['tokens_per_s'] / 1e6:>9.3f} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['errors']:>9} "
+            f"{r['server_cpu_ms_per_request']:>9.3f} {r['event_loop_cpu_ms_per_request']:>9.3f} "
+            f"{r['generator_cpu_ms_per_request']:>9.3f}"
         )
-    best_binary = max((r for r in results if r["mode"] == "binary"), key=lambda r: r["tokens_per_s"])
-    print(f"binary saturation / in-process: {best_binary['tokens_per_s'] / reference:.1%}")
+    print("srv/loop/gen ms/r: CPU per request of the whole server, of its event-loop thread, of the load generator")
+    binary = [r for r in results if r["mode"] == "binary"]
+    if binary:
+        best_binary = max(binary, key=lambda r: r["tokens_per_s"])
+        print(f"binary saturation / in-process: {best_binary['tokens_per_s'] / reference:.1%}")
     if args.json:
         args.json.write_text(json.dumps({"in_process_tokens_per_s": reference, "results": results}, indent=2))
     return 0
@@ -247,6 +357,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process reference")
+    parser.add_argument("--modes", nargs="+", choices=["binary", "json"], default=["binary", "json"])
+    parser.add_argument("--no-wrk", action="store_true", help="skip wrk even when it is installed")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -28,7 +28,9 @@ class SelectionBias(nn.Module):
     def update(self, expert_load: np.ndarray) -> None:
         """Raise the bias of under-loaded experts and lower that of over-loaded ones by ``rate``."""
         # E values: numpy on the host is cheaper than a chain of tiny torch ops.
-        step = np.sign(expert_load.mean() - expert_load).astype(np.float32) * np.float32(self.rate)
+        mean = float(expert_load.sum()) / expert_load.size if expert_load.size else 0.0
+        step = np.sign(mean - expert_load, dtype=np.float32)
+        step *= np.float32(self.rate)
         self.bias.add_(torch.from_numpy(step))
 
 

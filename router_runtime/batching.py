@@ -144,6 +144,10 @@ class DynamicBatcher(Generic[Result]):
             tokens += item.tokens.shape[0]
         return [item for item in batch if not item.future.done()]
 
+    def _concatenate_and_process(self, arrays: list[np.ndarray], sizes: list[int]) -> Sequence[Result]:
+        tokens = np.concatenate(arrays, axis=0)  # also a writable copy of read-only request buffers
+        return self._process(tokens, sizes)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -154,8 +158,9 @@ class DynamicBatcher(Generic[Result]):
                 continue
             try:
                 sizes = [item.tokens.shape[0] for item in batch]
-                tokens = np.concatenate([item.tokens for item in batch], axis=0)
-                results = await loop.run_in_executor(self._executor, self._process, tokens, sizes)
+                arrays = [item.tokens for item in batch]
+                # Concatenating megabytes is done on the worker thread, not on the event loop.
+                results = await loop.run_in_executor(self._executor, self._concatenate_and_process, arrays, sizes)
             except Exception as exc:  # a routing failure fails this batch's requests, not the worker
                 for item in batch:
                     if not item.future.done():

@@ -22,10 +22,22 @@ def top_p_counts(ordered_probs: torch.Tensor, top_p: float, k_min: int, k_max: i
     slots = min(ordered_probs.shape[-1], k_max)
     if slots <= 1:
         return torch.full(ordered_probs.shape[:-1], max(k_min, 1), dtype=torch.int64).clamp_(max=k_max)
-    prefix = ordered_probs[..., : slots - 1]
-    cumulative = prefix.cumsum(-1) if slots > 2 else prefix
-    counts = (cumulative < top_p).sum(-1).add_(1)
+    if slots == 2:
+        # bool + int promotes to int64: k = 1 + [p_1 < top_p] in two ops.
+        counts = (ordered_probs[..., 0] < top_p) + 1
+    else:
+        counts = (ordered_probs[..., : slots - 1].cumsum(-1) < top_p).sum(-1).add_(1)
     return counts.clamp_(min=k_min) if k_min > 1 else counts
+
+
+def top_p_unneeded(ordered_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``[T, K-1]`` bool: slot j+1 of ``ordered_probs [T, K]`` is not needed (the mass up to slot j reaches ``top_p``).
+
+    The cumulative mass never decreases, so the unneeded slots are a suffix of each row and
+    ``K - unneeded.sum(-1)`` equals ``top_p_counts`` with ``k_min = 1``; the router masks with it directly.
+    """
+    prefix = ordered_probs[..., :-1]
+    return (prefix.cumsum(-1) if prefix.shape[-1] > 1 else prefix) >= top_p
 
 
 def entropy_counts(

@@ -27,6 +27,7 @@ from router_runtime.estimators import (
     entropy_counts,
     logit_spread_score,
     top_p_counts,
+    top_p_unneeded,
 )
 from router_runtime.experts import (
     COMPLEXITY_BIAS,
@@ -159,7 +160,9 @@ class DynamicRouter(nn.Module):
         e, k_max, strategy = cfg.num_experts, cfg.max_experts, cfg.strategy
         logits = F.linear(tokens, self.gate_weight)
         needs_shifted = strategy == "entropy" or (strategy == "complexity" and not self.has_probe)
-        probs, shifted, normaliser = softmax_fp32(logits[:, :e] if self.has_probe else logits, keep_shifted=needs_shifted)
+        probs, shifted, normaliser = softmax_fp32(
+            logits[:, :e] if self.has_probe else logits, keep_shifted=needs_shifted
+        )
 
         if self.selection_bias is not None:
             indices = torch.topk(probs + self.selection_bias.bias, k_max, dim=-1).indices
@@ -169,9 +172,17 @@ class DynamicRouter(nn.Module):
 
         k_min = cfg.min_experts
         constant_k: int | None = None
+        masked = False
         if strategy == "top_k" or k_min == k_max:
             constant_k = k_max
             k = torch.full((n,), k_max, dtype=torch.int64)
+        elif strategy == "top_p" and k_min == 1 and cfg.load_balancing.capacity_factor is None:
+            # The common case in fewer ops: the unneeded slots are masked directly, k counts the rest.
+            unneeded = top_p_unneeded(top_probs, cfg.top_p)
+            top_probs[:, 1:].masked_fill_(unneeded, 0.0)
+            indices[:, 1:].masked_fill_(unneeded, -1)
+            k = torch.sub(k_max, unneeded.sum(-1))
+            masked = True
         elif strategy == "top_p":
             k = top_p_counts(top_probs, cfg.top_p, k_min, k_max)
         elif strategy == "entropy":
@@ -197,7 +208,7 @@ class DynamicRouter(nn.Module):
             unused = ~selected
             weights.masked_fill_(unused, 0.0)
             indices.masked_fill_(unused, -1)
-        elif constant_k is None:
+        elif constant_k is None and not masked:
             # Every slot is used when k is constant: the masking passes only run for dynamic k.
             unused = torch.ge(self.slots, k.unsqueeze(1))
             weights.masked_fill_(unused, 0.0)

@@ -40,8 +40,12 @@ class RoutingStats:
     flops_ratio: float
     dropped_mass: float
     expert_load: np.ndarray
-    load_cv: float
     k_counts: np.ndarray
+
+    @property
+    def load_cv(self) -> float:
+        """Coefficient of variation of ``expert_load``; computed when read, not on every routed batch."""
+        return load_cv(self.expert_load)
 
     @classmethod
     def from_selection(
@@ -76,7 +80,6 @@ class RoutingStats:
             flops_ratio=mean_k / max_experts if max_experts else 0.0,
             dropped_mass=max(dropped, 0.0),
             expert_load=load,
-            load_cv=load_cv(load),
             k_counts=k_counts,
         )
 
@@ -127,7 +130,6 @@ class CumulativeStats:
             flops_ratio=mean_k / self._max_experts if self._max_experts else 0.0,
             dropped_mass=dropped_sum / tokens if tokens else 0.0,
             expert_load=load,
-            load_cv=load_cv(load),
             k_counts=k_counts,
         )
 

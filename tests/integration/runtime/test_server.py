@@ -133,6 +133,13 @@ def test_unknown_model_is_answered_404(server_url: str) -> None:
     assert "unknown model 'other'" in response.json()["error"]
 
 
+def test_paths_beside_the_infer_fast_path_keep_the_framework_answers(server_url: str) -> None:
+    assert httpx.get(server_url + INFER).status_code == 405
+    assert httpx.post(server_url + "/v2/models/tiny%2Fx/infer", content=b"{}").status_code == 404
+    assert httpx.post(server_url + "/v2/models//infer", content=b"{}").status_code == 404
+    assert httpx.post(server_url + "/v2/models/tiny/infer/extra", content=b"{}").status_code == 404
+
+
 def test_server_keeps_serving_after_bad_requests(server_url: str) -> None:
     for _ in range(3):
         httpx.post(server_url + INFER, content=b"\xff\xfe garbage")

@@ -11,9 +11,15 @@ import torch
 from safetensors.torch import save_file
 
 from router_runtime.config import RouterConfig
-from router_runtime.estimators import quantile_to_counts
+from router_runtime.estimators import (
+    ComplexityCalibrator,
+    entropy_counts,
+    quantile_to_counts,
+    top_p_counts,
+    top_p_unneeded,
+)
 from router_runtime.experts import WeightsError, seeded_state
-from router_runtime.router import DynamicRouter
+from router_runtime.router import FUSED_SOFTMAX_MIN_EXPERTS, DynamicRouter, softmax_fp32
 
 
 def config(**fields: object) -> RouterConfig:
@@ -278,3 +284,38 @@ def test_seeded_initialisation_is_logged(caplog: pytest.LogCaptureFixture) -> No
 def test_quantiles_map_evenly_onto_the_k_range() -> None:
     quantiles = torch.tensor([0.0, 0.24, 0.26, 0.49, 0.51, 0.74, 0.76, 0.99, 1.0])
     assert quantile_to_counts(quantiles, 1, 4).tolist() == [1, 1, 2, 2, 3, 3, 4, 4, 4]
+
+
+@pytest.mark.parametrize("experts", [8, FUSED_SOFTMAX_MIN_EXPERTS])
+def test_softmax_fp32_matches_torch_softmax_and_its_log_identity(experts: int) -> None:
+    logits = torch.randn(50, experts, generator=torch.Generator().manual_seed(1)) * 4
+    probs, shifted, normaliser = softmax_fp32(logits)
+    assert shifted is not None
+    torch.testing.assert_close(probs, torch.softmax(logits, -1))
+    log_z = torch.zeros(50) if normaliser is None else normaliser.log()
+    torch.testing.assert_close(shifted - log_z.unsqueeze(1), torch.log_softmax(logits, -1))
+
+
+def test_entropy_counts_equal_the_rounded_perplexity() -> None:
+    logits = torch.randn(200, 8, generator=torch.Generator().manual_seed(2)) * 2
+    probs, shifted, normaliser = softmax_fp32(logits)
+    assert shifted is not None
+    perplexity = torch.exp(-(probs * probs.log()).sum(-1))
+    expected = perplexity.round().clamp(1, 8).to(torch.int64)
+    close_to_half = (perplexity - perplexity.floor() - 0.5).abs() < 1e-4  # rounding ties may go either way
+    assert torch.equal(entropy_counts(probs, shifted, normaliser, 1, 8)[~close_to_half], expected[~close_to_half])
+
+
+def test_top_p_unneeded_slots_are_the_complement_of_top_p_counts() -> None:
+    ordered = torch.softmax(torch.randn(300, 8, generator=torch.Generator().manual_seed(3)), -1).sort(-1, True).values
+    for slots in (2, 3, 4):
+        unneeded = top_p_unneeded(ordered[:, :slots], 0.7)
+        assert torch.equal(slots - unneeded.sum(-1), top_p_counts(ordered[:, :slots], 0.7, 1, slots))
+
+
+def test_calibrated_counts_equal_the_normal_cdf_quantiles() -> None:
+    raw = torch.randn(1000, generator=torch.Generator().manual_seed(4)) * 3 + 1
+    calibrator = ComplexityCalibrator()
+    calibrator.update(raw)
+    direct = quantile_to_counts(calibrator.quantile(raw), 1, 4)
+    assert (calibrator.counts(raw, 1, 4, update=False) != direct).sum() <= 2  # float rounding at the boundaries
