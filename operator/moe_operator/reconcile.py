@@ -60,6 +60,9 @@ class Outcome:
 _locks: collections.defaultdict[tuple[str, str], asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
 
+#: Child kinds the operator may not read (RBAC): skipped when pruning for the rest of the process's life.
+_unreadable_kinds: set[str] = set()
+
 #: (kind, namespace, name) -> the resourceVersion of a child last seen in sync (our apply or our check).
 _in_sync: dict[tuple[str, str, str], str] = {}
 
@@ -265,11 +268,14 @@ async def _apply_children(
     for resource in CHILD_RESOURCES:
         if resource.kind in desired_kinds:
             continue
+        if resource.kind in _unreadable_kinds:
+            continue
         name = child_name(resource, owner.name)
         try:
             stale = await kube.get(resource, owner.namespace, name)
         except KubeError as exc:
-            if exc.status in (403, 404):  # a kind whose CRD is absent has nothing to prune
+            if exc.status == 403:  # not granted (e.g. monitoring kinds): nothing of ours to prune, ask no more
+                _unreadable_kinds.add(resource.kind)
                 continue
             raise
         if stale is not None and _owned_by(stale, owner) and await kube.delete(resource, owner.namespace, name):

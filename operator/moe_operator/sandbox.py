@@ -394,6 +394,8 @@ class Sandbox(kmock.KubernetesEmulator):
 
     ready_delay: float = 0.3  # seconds before the fake deployment controller reports pods available
     log: list[Call] = attrs.field(factory=list, init=False)
+    #: A stand-in for missing RBAC rules: every request for these resource plurals answers 403.
+    forbidden: set[str] = attrs.field(factory=set, init=False)
 
     _revision: int = attrs.field(default=1, init=False)
     _events: collections.deque[tuple[int, kmock.resource, JSON]] = attrs.field(
@@ -495,6 +497,8 @@ class Sandbox(kmock.KubernetesEmulator):
         try:
             if resource not in self._kinds:
                 raise ApiError(404, "NotFound", f"the server could not find the requested resource {resource}")
+            if resource.plural in self.forbidden:
+                raise ApiError(403, "Forbidden", f"{resource.plural}.{resource.group} is forbidden (sandbox RBAC)")
             if request.action == kmock.action.WATCH:
                 return await self._watch(request)
             async with self._state_lock:

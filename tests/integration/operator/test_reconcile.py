@@ -96,3 +96,17 @@ async def test_a_missing_secret_key_is_named(sandbox):
 def test_the_kubeconfig_env_is_what_the_client_reads(sandbox):
     running, _ = sandbox
     assert os.environ["KUBECONFIG"] == str(running.kubeconfig_path)
+
+
+async def test_kinds_the_operator_may_not_read_are_skipped_after_the_first_refusal(sandbox, monkeypatch):
+    from moe_operator import reconcile as reconcile_module
+
+    monkeypatch.setattr(reconcile_module, "_unreadable_kinds", set())
+    running, kube = sandbox
+    running.sandbox.forbidden.update({"servicemonitors", "prometheusrules"})
+    first = await reconcile(kube, await created_router(running, kube), trigger="test")
+    assert first.problem is None and len(first.applied) == 6
+    mark = len(running.sandbox.log)
+    again = await reconcile(kube, await kube.get(MOEROUTERS, "default", "r"), trigger="test")
+    assert again.problem is None
+    assert [call for call in running.sandbox.log[mark:] if call.group == "monitoring.coreos.com"] == []
