@@ -27,19 +27,14 @@ import aiohttp
 import yaml
 
 from moe_operator import sandbox as sandbox_module
+from moe_operator.children import CHILD_RESOURCES, child_name
 from moe_operator.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 AGENT = "benchmark/1.0"
 ROUTERS_PATH = "/apis/moerouter.io/v1alpha1/namespaces/default/moerouters"
-CHILD_KINDS = (
-    ("", "v1", "configmaps", "{}-config"),
-    ("apps", "v1", "deployments", "{}"),
-    ("", "v1", "services", "{}"),
-    ("autoscaling", "v2", "horizontalpodautoscalers", "{}"),
-    ("networking.k8s.io", "v1", "networkpolicies", "{}"),
-    ("policy", "v1", "poddisruptionbudgets", "{}"),
-)
+#: The children every example MoERouter gets (the monitoring kinds are off in the example).
+CORE_CHILDREN = tuple(resource for resource in CHILD_RESOURCES if resource.group != "monitoring.coreos.com")
 
 
 def router(name: str) -> dict[str, Any]:
@@ -50,8 +45,8 @@ def router(name: str) -> dict[str, Any]:
 
 def has_children(sandbox: Sandbox, name: str) -> bool:
     return all(
-        sandbox.object_of(group, version, plural, "default", pattern.format(name)) is not None
-        for group, version, plural, pattern in CHILD_KINDS
+        sandbox.object_of(child.group, child.version, child.plural, "default", child_name(child, name)) is not None
+        for child in CORE_CHILDREN
     )
 
 

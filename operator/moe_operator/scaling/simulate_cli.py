@@ -15,38 +15,30 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 
 from moe_operator.api import PredictiveSpec
 
 _DEFAULTS = PredictiveSpec()
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+def _checked(parse: Callable[[str], float], accept: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type that parses a number and rejects values outside ``rule`` with a message."""
+
+    def convert(text: str) -> float:
+        value = parse(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    convert.__name__ = "integer" if parse is int else "number"  # argparse: "invalid number value: 'x'"
+    return convert
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _utilization(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _replicas(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+_positive_float = _checked(float, lambda value: value > 0, "> 0")
+_non_negative_float = _checked(float, lambda value: value >= 0, ">= 0")
+_utilization = _checked(float, lambda value: 0 < value <= 1, "in (0, 1]")
+_replicas = _checked(int, lambda value: value >= 1, ">= 1")
 
 
 def _finite_or_none(value: float) -> float | None:
