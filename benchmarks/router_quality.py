@@ -47,20 +47,35 @@ class Setting:
     top1_target: float
     k_limit: int
     norm_sigma: float
+    #: > 0: tokens lean towards one expert's gate direction by a log-normal amount, then are RMS-normed.
+    cluster_sigma: float = 0.0
 
 
 SETTINGS = (
+    Setting("E=8 clustered", 768, 8, 128, 0.5, 4, 0.0, 0.5),
     Setting("E=8 rms-normed", 768, 8, 128, 0.5, 4, 0.0),
     Setting("E=8 varied-norm", 768, 8, 128, 0.5, 4, 0.5),
+    Setting("E=64 clustered", 512, 64, 64, 0.3, 8, 0.0, 0.5),
     Setting("E=64 rms-normed", 512, 64, 64, 0.3, 8, 0.0),
     Setting("E=64 varied-norm", 512, 64, 64, 0.3, 8, 0.5),
 )
 RANGES = {4: (2, 3, 4), 8: (2, 4, 8)}
 
 
-def make_tokens(setting: Setting, tokens: int, seed: int) -> torch.Tensor:
+def make_tokens(setting: Setting, tokens: int, seed: int, gate: torch.Tensor) -> torch.Tensor:
+    """Hidden states ``[T, d]``: RMS-normed, then scaled per token by a log-normal (``norm_sigma``).
+
+    ``clustered``: each token is noise plus a pull of log-normal strength towards one expert's gate
+    direction before the norm, as hidden states cluster around what the router learned: some tokens are
+    clear-cut (a sharp router distribution), others ambiguous (a flat one), at the same norm.
+    """
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, setting.d, generator=generator)
+    if setting.cluster_sigma > 0:
+        directions = gate / gate.norm(dim=-1, keepdim=True) * math.sqrt(setting.d)
+        owner = torch.randint(0, gate.shape[0], (tokens,), generator=generator)
+        pull = torch.exp(torch.randn(tokens, 1, generator=generator) * setting.cluster_sigma) * 0.1
+        x = x + pull * directions[owner]
     x = x / x.norm(dim=-1, keepdim=True) * math.sqrt(setting.d)
     scale = torch.exp(torch.randn(tokens, 1, generator=generator) * setting.norm_sigma)
     return x * scale
@@ -88,7 +103,6 @@ class Point:
 class Bench:
     def __init__(self, setting: Setting, tokens: int, seed: int) -> None:
         self.setting = setting
-        self.x = make_tokens(setting, tokens, seed)
         base = RouterConfig.model_validate(
             {
                 "inputDim": setting.d,
@@ -99,11 +113,14 @@ class Bench:
             }
         )
         self.state = seeded_state(base)
+        self.x = make_tokens(setting, tokens, seed, self.state[GATE_WEIGHT])
         self.state[GATE_WEIGHT] = tuned_gate(self.state[GATE_WEIGHT], self.x, setting.top1_target)
         dense_router = self.router("top_k", setting.experts, setting.experts)
         probs = torch.softmax(self.x @ self.state[GATE_WEIGHT].t(), -1)
         assert dense_router.experts is not None
-        self.top1 = probs.max(-1).values.mean().item()
+        top1 = probs.max(-1).values
+        self.top1 = top1.mean().item()
+        self.top1_spread = (top1.quantile(0.1).item(), top1.quantile(0.9).item())
         self.dense = dense_router.experts.dense(self.x, probs)
 
     def router(self, strategy: str, k_min: int, k_max: int, top_p: float = 0.9) -> DynamicRouter:
@@ -169,7 +186,11 @@ def run(tokens: int, seed: int) -> list[dict[str, object]]:
     header = f"  {'strategy':<10} {'config':<16} {'mean k':>6} {'global err':>10} {'token err':>9} {'dropped':>7}"
     for setting in SETTINGS:
         bench = Bench(setting, tokens, seed)
-        print(f"\n== {setting.name}: d={setting.d} E={setting.experts} T={tokens}, mean top-1 prob {bench.top1:.3f}")
+        low, high = bench.top1_spread
+        print(
+            f"\n== {setting.name}: d={setting.d} E={setting.experts} T={tokens}, "
+            f"top-1 probability mean {bench.top1:.3f} (10th-90th percentile {low:.2f}-{high:.2f})"
+        )
         print(header + "   vs static top-k at the same mean k (global / token)")
         static = {k: bench.measure("top_k", k, k) for k in range(1, setting.k_limit + 1)}
         for k, point in static.items():

@@ -5,7 +5,8 @@ The baseline is the textbook static gate (Mixtral style): ``F.linear``, ``torch.
 ``torch.topk(k)``, renormalise, with k = 2 (the issue's top-2 baseline) and, for E=64, also k = 8.
 Strategies run the full ``DynamicRouter.route`` with the default config (selection-bias load
 balancing on, renormalised weights, per-call and cumulative statistics), minExperts=1 and
-maxExperts equal to the baseline's k, so both select from the same number of slots. Each figure is
+maxExperts equal to the baseline's k, so both select from the same number of slots, and the post-gate
+kernel of ``--kernel`` (auto: the fused numba kernel when installed; torch: the chain of torch ops). Each figure is
 the best of repeated timed loops (``timeit`` practice: on a shared machine the minimum is the least
 disturbed estimate), with the baseline and the strategies taking turns; the median is printed too.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from router_runtime import kernels
 from router_runtime.config import RouterConfig
 from router_runtime.router import DynamicRouter
 
@@ -78,7 +80,7 @@ def time_interleaved(
     return {name: (min(values), statistics.median(values)) for name, values in samples.items()}
 
 
-def run(threads: int, min_seconds: float, repeats: int) -> list[dict[str, object]]:
+def run(threads: int, min_seconds: float, repeats: int, kernel: str) -> list[dict[str, object]]:
     torch.set_num_threads(threads)
     rows: list[dict[str, object]] = []
     for d, e, k_max in SHAPES:
@@ -86,7 +88,15 @@ def run(threads: int, min_seconds: float, repeats: int) -> list[dict[str, object
             x = torch.randn(t, d, generator=torch.Generator().manual_seed(0))
             configs = {
                 s: RouterConfig.model_validate(
-                    {"inputDim": d, "numExperts": e, "minExperts": 1, "maxExperts": k_max, "strategy": s, "topP": 0.9}
+                    {
+                        "inputDim": d,
+                        "numExperts": e,
+                        "minExperts": 1,
+                        "maxExperts": k_max,
+                        "strategy": s,
+                        "topP": 0.9,
+                        "kernel": kernel,
+                    }
                 )
                 for s in STRATEGIES
             }
@@ -128,13 +138,18 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="shorter timing loops (noisier)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--kernel", choices=("auto", "fused", "torch"), default="auto", help="the routers' post-gate implementation"
+    )
     args = parser.parse_args()
     min_seconds, repeats = (0.03, 5) if args.quick else (0.06, 21)
     print(
         f"machine: {cpu_model()}, {os.cpu_count()} cores, {args.threads} torch threads, torch {torch.__version__}, "
         f"python {platform.python_version()}, load average before {os.getloadavg()[0]:.2f}"
     )
-    rows = run(args.threads, min_seconds, repeats)
+    fused = args.kernel == "fused" or (args.kernel == "auto" and kernels.AVAILABLE)
+    print(f"router kernel: {f'fused (numba {kernels.numba.__version__})' if fused else 'torch ops'}")
+    rows = run(args.threads, min_seconds, repeats, args.kernel)
     print(f"load average after: {os.getloadavg()[0]:.2f} (other processes on the machine skew the figures)")
     columns = f"{'kmax':>4} {'mean k':>6} {'best ms':>8} {'med ms':>8} {'Mtok/s':>7} {'vs base':>7}"
     print(f"{'d':>5} {'E':>3} {'T':>5}  {'router':<30} {columns}")

@@ -112,6 +112,11 @@ class RouterConfig(CamelModel):
     )
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Cumulative probability threshold for top_p.")
     renormalize: bool = Field(True, description="Renormalise the weights over the selected experts.")
+    kernel: Literal["auto", "fused", "torch"] = Field(
+        "auto",
+        description="Post-gate routing code: fused (compiled passes over the rows, needs numba), torch "
+        "(a chain of torch ops), or auto (fused when numba is installed). Both give the same decisions.",
+    )
     load_balancing: LoadBalancingConfig = Field(default_factory=LoadBalancingConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
@@ -155,6 +160,13 @@ class ServerConfig(CamelModel):
     )
     shutdown_grace_seconds: float = Field(
         20.0, ge=0.0, le=3600.0, description="Time in-flight requests get to finish after SIGTERM."
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Server processes sharing the port, each with its own router, batcher and "
+        "cpus/workers torch threads; 0 = auto: the container's CPU limit (cgroup), 1 without a limit.",
     )
 
 

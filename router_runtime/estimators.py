@@ -10,6 +10,7 @@ import functools
 import math
 import statistics
 
+import numpy as np
 import torch
 
 
@@ -68,7 +69,7 @@ def quantile_to_counts(quantile: torch.Tensor, k_min: int, k_max: int) -> torch.
 class ComplexityCalibrator:
     """Running mean/variance of a raw per-token complexity score, so k spreads over its whole range.
 
-    A raw score (a trained linear probe of the hidden state, or the logit-spread proxy) has an
+    A raw score (a trained linear probe of the hidden state, or the top-1 uncertainty proxy) has an
     arbitrary scale; squashing it with a fixed sigmoid saturates and gives every token the same k.
     Standardising with running statistics and mapping through the normal CDF turns it into a
     quantile in (0, 1) that stays spread as the traffic drifts. ``window`` caps the effective
@@ -115,10 +116,13 @@ class ComplexityCalibrator:
         span = k_max - k_min + 1
         if span == 1:
             return torch.full(raw.shape, k_min, dtype=torch.int64)
-        std = math.sqrt(max(self.var, 1e-12))
-        boundaries = torch.tensor([self.mean + std * z for z in _normal_quantiles(span)], dtype=torch.float32)
-        counts = torch.bucketize(raw.to(torch.float32), boundaries, right=True)
+        counts = torch.bucketize(raw.to(torch.float32), torch.from_numpy(self.boundaries(span)), right=True)
         return counts.add_(k_min) if k_min else counts
+
+    def boundaries(self, span: int) -> np.ndarray:
+        """The ``span - 1`` raw scores (float32, ascending) where k steps up by one under the current statistics."""
+        std = math.sqrt(max(self.var, 1e-12))
+        return np.array([self.mean + std * z for z in _normal_quantiles(span)], dtype=np.float32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -128,16 +132,15 @@ def _normal_quantiles(span: int) -> tuple[float, ...]:
     return tuple(normal.inv_cdf(j / span) for j in range(1, span))
 
 
-def logit_spread_score(logits: torch.Tensor) -> torch.Tensor:
-    """The default complexity score ``-log std_e(logits)`` of the gate projection ``W x`` ``[T, E]``.
+def top1_uncertainty_score(shifted: torch.Tensor, normaliser: torch.Tensor | None) -> torch.Tensor:
+    """The default complexity score ``-log max_e p_e [T]``: how much the router doubts its first choice.
 
-    The spread of the projected hidden state sets the router's temperature for that token: a small
-    spread means a flat distribution, an ambiguous token and more experts. It costs no extra pass over
-    the activations; a trained probe (``complexity.weight``) replaces it when the weights provide one.
-    Written as E[l^2] - E[l]^2 with a dot product and a matrix-vector product because reductions over a
-    short last dim are slow on CPU; pass the max-shifted logits for numerical safety (shift invariant).
+    With ``shifted`` the max-shifted logits and ``normaliser`` their exp-sum Z, ``max_e p_e = 1 / Z``, so
+    the score is ``log Z`` (no extra pass over the activations); with ``normaliser=None`` ``shifted`` are
+    the log-probabilities. A token whose top expert holds little of the mass gets more experts; the
+    calibration then spreads the scores evenly over the k range. A trained probe (``complexity.weight``)
+    replaces it when the weights provide one.
     """
-    e = logits.shape[-1]
-    mean = logits @ torch.full((e,), 1.0 / e, dtype=logits.dtype)
-    variance = torch.linalg.vecdot(logits, logits).div_(e).sub_(mean.square_())
-    return variance.clamp_(min=1e-24).log_().mul_(-0.5)
+    if normaliser is not None:
+        return normaliser.log()
+    return shifted.amax(dim=-1).neg_()

@@ -12,7 +12,9 @@ one ``topk`` with ``maxExperts`` slots, then a per-token mask; no Python loop ov
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from router_runtime import kernels
 from router_runtime.balancing import SelectionBias, apply_capacity, expert_capacity
 from router_runtime.config import RouterConfig
 from router_runtime.estimators import (
     ComplexityCalibrator,
     entropy_counts,
-    logit_spread_score,
+    top1_uncertainty_score,
     top_p_counts,
     top_p_unneeded,
 )
@@ -126,6 +129,15 @@ class DynamicRouter(nn.Module):
                 config.experts.activation,
             )
         self.cumulative = CumulativeStats(e, k_max)
+        self.fused = use_fused_kernel(config)
+        self._kernel_strategy = kernel_strategy(config, self.has_probe)
+        self._no_bias = np.zeros(e, dtype=np.float32)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_workers = 0
+        self._pool_lock = threading.Lock()
+        if self.fused:
+            # Compile the kernels now (seconds, once per process) rather than on the first request.
+            self.route(torch.zeros(1, d), update_state=False, compute_output=False)
 
     @property
     def num_experts(self) -> int:
@@ -159,6 +171,9 @@ class DynamicRouter(nn.Module):
         n = tokens.shape[0]
         e, k_max, strategy = cfg.num_experts, cfg.max_experts, cfg.strategy
         logits = F.linear(tokens, self.gate_weight)
+        if self.fused:
+            indices, weights, k, selected_mass, stats = self._select_fused(logits, update_state)
+            return self._finish(tokens, indices, weights, k, selected_mass, stats, update_state, compute_output)
         needs_shifted = strategy == "entropy" or (strategy == "complexity" and not self.has_probe)
         probs, shifted, normaliser = softmax_fp32(
             logits[:, :e] if self.has_probe else logits, keep_shifted=needs_shifted
@@ -194,7 +209,7 @@ class DynamicRouter(nn.Module):
                 raw = logits[:, e] + self.probe_bias
             else:
                 assert shifted is not None
-                raw = logit_spread_score(shifted)
+                raw = top1_uncertainty_score(shifted, normaliser)
             k = self.calibrator.counts(raw, k_min, k_max, update=update_state)
 
         capacity_factor = cfg.load_balancing.capacity_factor
@@ -219,6 +234,19 @@ class DynamicRouter(nn.Module):
             divisor = selected_mass if capacity_factor is None else selected_mass.clamp(min=_TINY)
             weights.div_(divisor.unsqueeze(1))
         stats = RoutingStats.from_selection(k, indices, selected_mass, e, constant_k=constant_k)
+        return self._finish(tokens, indices, weights, k, selected_mass, stats, update_state, compute_output)
+
+    def _finish(
+        self,
+        tokens: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        k: torch.Tensor,
+        selected_mass: torch.Tensor,
+        stats: RoutingStats,
+        update_state: bool,
+        compute_output: bool,
+    ) -> RoutingResult:
         if update_state:
             if self.selection_bias is not None:
                 self.selection_bias.update(stats.expert_load)
@@ -227,3 +255,115 @@ class DynamicRouter(nn.Module):
         if self.experts is not None and compute_output:
             output = self.experts(tokens, indices, weights)
         return RoutingResult(indices, weights, k, selected_mass, stats, output)
+
+    def _select_fused(
+        self, logits: torch.Tensor, update_state: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, RoutingStats]:
+        """Everything after the gate matmul in the compiled kernels (``router_runtime.kernels``)."""
+        cfg = self.config
+        lg = logits.numpy()
+        n = lg.shape[0]
+        e, k_min, k_max = cfg.num_experts, cfg.min_experts, cfg.max_experts
+        indices = np.empty((n, k_max), dtype=np.int64)
+        weights = np.empty((n, k_max), dtype=np.float32)
+        k = np.empty(n, dtype=np.int64)
+        mass = np.empty(n, dtype=np.float32)
+        use_bias = self.selection_bias is not None
+        bias = self.selection_bias.bias.numpy() if self.selection_bias is not None else self._no_bias
+        ranges = self._row_ranges(n)
+        loads = [np.zeros(e, dtype=np.int64) for _ in ranges]
+        k_counts = [np.zeros(k_max + 1, dtype=np.int64) for _ in ranges]
+        mass_sums = [np.zeros(1, dtype=np.float64) for _ in ranges]
+        strategy, renormalize = self._kernel_strategy, cfg.renormalize
+        shifted = np.empty((n, e), dtype=np.float32)
+        # exp() may overwrite the shifted logits unless an estimator reads them afterwards.
+        keep_shifted = strategy == kernels.ENTROPY
+        exps = np.empty_like(shifted) if keep_shifted else shifted
+
+        def softmax_numerators(start: int, stop: int) -> None:
+            kernels.shift_rows(lg, start, stop, e, shifted)
+            np.exp(shifted[start:stop], out=exps[start:stop])
+
+        if strategy in (kernels.PROBE_SCORE, kernels.UNCERTAINTY_SCORE):
+            assert self.calibrator is not None
+            raw = np.empty(n, dtype=np.float32)
+            probe_bias = np.float32(self.probe_bias)
+
+            def scores(i: int, start: int, stop: int) -> None:
+                softmax_numerators(start, stop)
+                kernels.select_scores(
+                    lg, exps, shifted, start, stop, e, bias, use_bias, strategy, k_max, probe_bias,
+                    indices, weights, raw,
+                )  # fmt: skip
+
+            self._run_ranges(ranges, scores)
+            if update_state:
+                self.calibrator.update(torch.from_numpy(raw))
+            boundaries = self.calibrator.boundaries(k_max - k_min + 1)
+            self._run_ranges(
+                ranges,
+                lambda i, start, stop: kernels.finish_scores(
+                    raw, start, stop, boundaries, k_min, k_max, renormalize,
+                    indices, weights, k, mass, loads[i], k_counts[i], mass_sums[i],
+                ),
+            )  # fmt: skip
+        else:
+            top_p = np.float32(cfg.top_p)
+
+            def select(i: int, start: int, stop: int) -> None:
+                softmax_numerators(start, stop)
+                kernels.route_rows(
+                    exps, shifted, start, stop, e, bias, use_bias, strategy, k_min, k_max, top_p, renormalize,
+                    indices, weights, k, mass, loads[i], k_counts[i], mass_sums[i],
+                )  # fmt: skip
+
+            self._run_ranges(ranges, select)
+        stats = RoutingStats.from_counts(
+            n, sum(loads[1:], loads[0]), sum(k_counts[1:], k_counts[0]), sum(float(m[0]) for m in mass_sums), k_max
+        )
+        return torch.from_numpy(indices), torch.from_numpy(weights), torch.from_numpy(k), torch.from_numpy(mass), stats
+
+    def _row_ranges(self, n: int) -> list[tuple[int, int]]:
+        """One row range per torch thread for large batches, else one; the kernels release the GIL."""
+        parts = max(1, min(torch.get_num_threads(), n // kernels.PARALLEL_MIN_TOKENS_PER_THREAD))
+        step = -(-n // parts) if n else 0
+        return [(start, min(n, start + step)) for start in range(0, n, step)] if n else [(0, 0)]
+
+    def _run_ranges(self, ranges: list[tuple[int, int]], work: Callable[[int, int, int], None]) -> None:
+        if len(ranges) == 1:
+            work(0, *ranges[0])
+            return
+        pool = self._thread_pool(len(ranges) - 1)
+        pending = [pool.submit(work, i, start, stop) for i, (start, stop) in enumerate(ranges[1:], start=1)]
+        work(0, *ranges[0])
+        for future in pending:
+            future.result()
+
+    def _thread_pool(self, workers: int) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None or self._pool_workers < workers:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moe-route")
+                self._pool_workers = workers
+            return self._pool
+
+
+def use_fused_kernel(config: RouterConfig) -> bool:
+    """Whether ``config`` runs the compiled kernels: not with a capacity factor (a cross-token step)."""
+    if config.kernel == "torch" or config.load_balancing.capacity_factor is not None:
+        return False
+    if config.kernel == "fused" and not kernels.AVAILABLE:
+        raise ValueError("router.kernel is 'fused' but numba is not installed; install numba or use 'auto'")
+    return kernels.AVAILABLE
+
+
+def kernel_strategy(config: RouterConfig, has_probe: bool) -> int:
+    """The kernels' strategy code; a fixed k (top_k, or minExperts = maxExperts) needs no estimator."""
+    if config.strategy == "top_k" or config.min_experts == config.max_experts:
+        return kernels.TOP_K
+    if config.strategy == "top_p":
+        return kernels.TOP_P
+    if config.strategy == "entropy":
+        return kernels.ENTROPY
+    return kernels.PROBE_SCORE if has_probe else kernels.UNCERTAINTY_SCORE

@@ -83,6 +83,22 @@ class RoutingStats:
             k_counts=k_counts,
         )
 
+    @classmethod
+    def from_counts(
+        cls, tokens: int, load: np.ndarray, k_counts: np.ndarray, selected_mass_sum: float, max_experts: int
+    ) -> RoutingStats:
+        """Build from histograms already counted (the fused kernel counts while it routes)."""
+        mean_k = float(k_counts @ np.arange(k_counts.shape[0])) / tokens if tokens else 0.0
+        dropped = (tokens - selected_mass_sum) / tokens if tokens else 0.0
+        return cls(
+            tokens=tokens,
+            mean_k=mean_k,
+            flops_ratio=mean_k / max_experts if max_experts else 0.0,
+            dropped_mass=max(dropped, 0.0),
+            expert_load=load,
+            k_counts=k_counts,
+        )
+
     def as_dict(self) -> dict[str, object]:
         return {
             "tokens": self.tokens,

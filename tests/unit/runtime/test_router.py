@@ -98,6 +98,18 @@ def test_complexity_gives_tokens_with_flatter_gate_logits_more_experts() -> None
     assert k[:64].mean() > k[-64:].mean() + 1.5
 
 
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
+@pytest.mark.parametrize("experts", [8, 64])
+def test_complexity_gives_tokens_whose_top_expert_holds_less_mass_more_experts(kernel: str, experts: int) -> None:
+    router = DynamicRouter(config(strategy="complexity", numExperts=experts, maxExperts=4, kernel=kernel))
+    x = tokens(512) * torch.logspace(-1, 1, 512).unsqueeze(1)
+    k = router.route(x).k
+    top1 = torch.softmax(x @ router.gate_weight.t(), dim=-1).max(dim=-1).values
+    k_by_confidence = k[top1.argsort(descending=True)]
+    assert bool((k_by_confidence[1:] >= k_by_confidence[:-1]).all())  # the less confident, the more experts
+    assert k_by_confidence[0] == 1 and k_by_confidence[-1] == 4
+
+
 def test_complexity_uses_a_trained_probe_from_the_weights() -> None:
     state = seeded_state(config()) | {"complexity.weight": torch.zeros(16), "complexity.bias": torch.tensor(0.0)}
     state["complexity.weight"][3] = 1.0
