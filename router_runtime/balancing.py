@@ -24,14 +24,16 @@ class SelectionBias(nn.Module):
             raise ValueError(f"bias update rate must be >= 0, got {rate}")
         self.rate = float(rate)
         self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
+        #: The bias's memory as numpy (shared, CPU): the fused kernel reads it, ``update`` writes it.
+        self.bias_view: np.ndarray = self.bias.numpy()
 
     def update(self, expert_load: np.ndarray) -> None:
         """Raise the bias of under-loaded experts and lower that of over-loaded ones by ``rate``."""
-        # E values: numpy on the host is cheaper than a chain of tiny torch ops.
+        # E values: numpy on the host is cheaper than a chain of tiny torch ops; in place, so the tensor sees it.
         mean = float(expert_load.sum()) / expert_load.size if expert_load.size else 0.0
         step = np.sign(mean - expert_load, dtype=np.float32)
         step *= np.float32(self.rate)
-        self.bias.add_(torch.from_numpy(step))
+        self.bias_view += step
 
 
 def expert_capacity(capacity_factor: float, tokens: int, mean_k: float, num_experts: int) -> int:
