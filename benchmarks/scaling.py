@@ -10,6 +10,11 @@ A ratio below 1 means predictive leaves less demand unserved for the same cost.
 Capacity per replica is set per trace from the trace alone (its 99th-percentile rate needs
 ``--peak-replicas`` replicas at 100%), so no constant is tuned to any one file.
 
+Held out: every figure is also computed on the second half of each trace only (both policies warm
+up on the first half; nothing is fitted per trace, so this is the part no choice could have seen).
+Synthetic: seeded generators (``moe_operator.scaling.synthetic``: bursty, regime shifts, flat noise,
+seasonal with trend) run alongside the shared traces unless ``--no-synthetic``.
+
     .venv/bin/python benchmarks/scaling.py [--traces DIR] [--plot out/scaling-day.png] [--json FILE]
 """
 
@@ -22,11 +27,12 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from moe_operator.scaling.forecast import Grid, forecast_peak, select_model
 from moe_operator.scaling.simulate import (
     POLICIES,
     SimulationConfig,
@@ -34,7 +40,9 @@ from moe_operator.scaling.simulate import (
     forecast_schedule,
     plot_results,
     simulate,
+    summarize,
 )
+from moe_operator.scaling.synthetic import GENERATORS
 from moe_operator.scaling.traces import Trace, TraceFormat, read_trace
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
@@ -45,6 +53,19 @@ PREDICTIVE_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9)
 STARTUP_DELAYS = (300.0, 600.0)
 #: Unserved fractions are compared in log space; this keeps a perfect run finite.
 UNSERVED_FLOOR = 1e-9
+#: Below one part per million of demand on both sides, a ratio compares rounding noise: a tie.
+NEGLIGIBLE_UNSERVED = 1e-6
+#: Extra unserved demand (as a fraction of all demand) below which "worse" is reported as immaterial.
+MATERIAL_EXCESS = 1e-5
+
+
+def unserved_ratio(unserved: float, reactive: float | None) -> float | None:
+    """Predictive over reactive unserved demand; 1.0 when both are negligible; None off the curve."""
+    if reactive is None:
+        return None
+    if max(unserved, reactive) < NEGLIGIBLE_UNSERVED:
+        return 1.0
+    return max(unserved, UNSERVED_FLOOR) / max(reactive, UNSERVED_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -56,12 +77,19 @@ class Comparison:
     unserved: float
     reactive_unserved: float | None
     reactive_at_same_target: float
+    scale_events: int
+    reactive_scale_events: int
+    #: The same figures over the second half of the trace only.
+    heldout_unserved: float
+    heldout_reactive_unserved: float | None
 
     @property
     def ratio(self) -> float | None:
-        if self.reactive_unserved is None:
-            return None
-        return max(self.unserved, UNSERVED_FLOOR) / max(self.reactive_unserved, UNSERVED_FLOOR)
+        return unserved_ratio(self.unserved, self.reactive_unserved)
+
+    @property
+    def heldout_ratio(self) -> float | None:
+        return unserved_ratio(self.heldout_unserved, self.heldout_reactive_unserved)
 
 
 def trace_format(path: Path) -> TraceFormat:
@@ -75,6 +103,11 @@ def reactive_unserved_at(curve: list[tuple[float, float]], replica_hours: float)
     costs = [cost for cost, _ in points]
     if not costs[0] <= replica_hours <= costs[-1]:
         return None
+    index = min(int(np.searchsorted(costs, replica_hours, side="right")), len(points) - 1)
+    low, high = points[max(index - 1, 0)], points[index]
+    if min(low[1], high[1]) < NEGLIGIBLE_UNSERVED:
+        # Log-linear towards a run that left (almost) nothing unserved would invent a value near 0.
+        return float(np.interp(replica_hours, costs, [unserved for _, unserved in points]))
     logs = [math.log(max(unserved, UNSERVED_FLOOR)) for _, unserved in points]
     return float(math.exp(np.interp(replica_hours, costs, logs)))
 
@@ -82,34 +115,41 @@ def reactive_unserved_at(curve: list[tuple[float, float]], replica_hours: float)
 def run_trace(name: str, trace: Trace, delay: float, peak_replicas: int) -> tuple[list[Comparison], dict[str, object]]:
     capacity = float(np.quantile(trace.rates, 0.99)) / peak_replicas
     base = SimulationConfig(capacity, delay, 0.7, 1, 100 * peak_replicas)
+    half = replace(base, evaluate_from=trace.duration / 2)
     started = time.perf_counter()
     schedule = forecast_schedule(trace, base)
     forecast_seconds = time.perf_counter() - started
-    curve: list[tuple[float, float]] = []
-    reactive_by_target: dict[float, float] = {}
+
+    def run(target: float, policy: str) -> tuple[SimulationResult, SimulationConfig]:
+        config = replace(base, target_utilization=target)
+        return simulate(trace, config, policy, schedule), config  # type: ignore[arg-type]
+
+    def curve_point(result: SimulationResult, config: SimulationConfig) -> tuple[float, float, float, float]:
+        later = summarize(result.times, result.demand, result.desired, result.ready,
+                          replace(config, evaluate_from=half.evaluate_from))
+        return (result.summary.replica_hours, result.summary.unserved_fraction, later.replica_hours,
+                later.unserved_fraction)
+
+    curve: list[tuple[float, float, float, float]] = []
+    reactive_by_target: dict[float, tuple[float, int]] = {}
     for target in REACTIVE_TARGETS:
-        config = SimulationConfig(capacity, delay, target, 1, 100 * peak_replicas)
-        summary = simulate(trace, config, "reactive").summary
-        curve.append((summary.replica_hours, summary.unserved_fraction))
-        reactive_by_target[target] = summary.unserved_fraction
-    predictive = {
-        target: simulate(trace, SimulationConfig(capacity, delay, target, 1, 100 * peak_replicas), "predictive",
-                         schedule).summary
-        for target in PREDICTIVE_TARGETS
-    }
-    most = max(summary.replica_hours for summary in predictive.values())
+        result, config = run(target, "reactive")
+        curve.append(curve_point(result, config))
+        reactive_by_target[target] = (result.summary.unserved_fraction, result.summary.scale_events)
+    predictive = {target: run(target, "predictive") for target in PREDICTIVE_TARGETS}
+    most = max(result.summary.replica_hours for result, _ in predictive.values())
     for target in EXTRA_REACTIVE_TARGETS:
-        if max(cost for cost, _ in curve) >= most:
+        if max(point[0] for point in curve) >= most:
             break
-        summary = simulate(trace, SimulationConfig(capacity, delay, target, 1, 100 * peak_replicas), "reactive").summary
-        curve.append((summary.replica_hours, summary.unserved_fraction))
-    comparisons = [
-        Comparison(
-            name, delay, target, summary.replica_hours, summary.unserved_fraction,
-            reactive_unserved_at(curve, summary.replica_hours), reactive_by_target[target],
-        )
-        for target, summary in predictive.items()
-    ]
+        curve.append(curve_point(*run(target, "reactive")))
+    comparisons = []
+    for target, (result, config) in predictive.items():
+        point = curve_point(result, config)
+        comparisons.append(Comparison(
+            name, delay, target, point[0], point[1], reactive_unserved_at([(c, u) for c, u, _, _ in curve], point[0]),
+            reactive_by_target[target][0], result.summary.scale_events, reactive_by_target[target][1],
+            point[3], reactive_unserved_at([(c, u) for _, _, c, u in curve], point[2]),
+        ))
     floor_ticks = float(np.mean(schedule.uses_floor))
     models = {model: schedule.models.count(model) / len(schedule.models) for model in sorted(set(schedule.models))}
     info: dict[str, object] = {
@@ -146,6 +186,78 @@ def plot_day(predictive: SimulationResult) -> float:
     return float(min(14, max(days - 1, 0))) * day
 
 
+def _median_worst(ratios: list[float]) -> str:
+    if not ratios:
+        return "   n/a    n/a"
+    return f"{float(np.median(ratios)):6.2f} {max(ratios):6.2f}"
+
+
+def print_tables(all_rows: list[Comparison], infos: list[dict[str, object]]) -> None:
+    header = (f"{'trace':<28} {'start':>5} {'U':>4} {'rep-h pred':>11} {'unserved pred':>13} "
+              f"{'reactive@=rh':>12} {'ratio':>6} {'held-out':>8} {'reactive@U':>10} {'events p/r':>11}")
+    print("\nunserved demand at equal replica-hours (ratio = predictive / reactive; < 1 is better;"
+          f" 1.00 where both are below {NEGLIGIBLE_UNSERVED:g}); held-out = the same on the second half only")
+    print(header)
+    print("-" * len(header))
+    for row in all_rows:
+        ratio = "   n/a" if row.ratio is None else f"{row.ratio:6.2f}"
+        heldout = "     n/a" if row.heldout_ratio is None else f"{row.heldout_ratio:8.2f}"
+        reactive = "     outside" if row.reactive_unserved is None else f"{row.reactive_unserved:12.3e}"
+        print(f"{row.trace[:28]:<28} {row.delay:>5.0f} {row.target:>4.1f} {row.replica_hours:>11.1f} "
+              f"{row.unserved:>13.3e} {reactive} {ratio} {heldout} {row.reactive_at_same_target:>10.3e} "
+              f"{row.scale_events:>5}/{row.reactive_scale_events:<5}")
+    print("\nper trace and startup delay: median and worst ratio over targets (whole trace; second half held out),"
+          " scale events at U=0.7 (predictive / reactive), forecast error")
+    print(f"{'trace':<28} {'start':>5} {'median':>6} {'worst':>6} {'ho-med':>6} {'ho-wst':>6} {'events':>11} "
+          f"{'wAPE':>6} {'cover':>6} {'floor%':>6}  models")
+    for info in infos:
+        rows = [r for r in all_rows if r.trace == info["trace"] and r.delay == info["delay"]]
+        whole = _median_worst([r.ratio for r in rows if r.ratio is not None])
+        later = _median_worst([r.heldout_ratio for r in rows if r.heldout_ratio is not None])
+        middle = next((r for r in rows if r.target == 0.7), rows[0])
+        events = f"{middle.scale_events}/{middle.reactive_scale_events}"
+        models = ", ".join(f"{m} {share:.0%}" for m, share in info["models"].items())  # type: ignore[attr-defined]
+        print(f"{str(info['trace'])[:28]:<28} {info['delay']:>5.0f} {whole} {later} {events:>11} "
+              f"{info['forecast_weighted_abs_error']:6.3f} {info['forecast_coverage']:6.3f} "
+              f"{info['floor_tick_fraction']:6.1%}  {models}")
+    cases: list[tuple[float, float, Comparison, str]] = [
+        (r.ratio, r.unserved - (r.reactive_unserved or 0.0), r, "whole") for r in all_rows if r.ratio is not None
+    ]
+    cases += [(r.heldout_ratio, r.heldout_unserved - (r.heldout_reactive_unserved or 0.0), r, "second half")
+              for r in all_rows if r.heldout_ratio is not None]
+    synthetic = tuple(GENERATORS)
+    shared = [case for case in cases if case[2].trace not in synthetic]
+    for label, selected in (
+        ("every shared trace, delay, target and window", shared),
+        ("every synthetic trace, delay, target and window", [case for case in cases if case not in shared]),
+        (f"all cases where predictive leaves more than {MATERIAL_EXCESS:g} of demand extra unserved",
+         [case for case in cases if case[1] > MATERIAL_EXCESS]),
+    ):
+        if not selected:
+            print(f"\nworst ratio over {label}: none")
+            continue
+        worst, excess, row, window = max(selected, key=lambda item: item[0])
+        verdict = "never worse than reactive" if worst <= 1.0 + 1e-9 else "WORSE than reactive"
+        print(f"\nworst ratio over {label}: {worst:.3f} ({row.trace}, {row.delay:.0f}s, U={row.target}, {window}, "
+              f"{excess:+.1e} of demand): {verdict}")
+
+
+def print_tick_cost(trace: Trace, days: float = 14.0) -> None:
+    """What one controller tick costs on ``days`` of 1-minute history: a backtest, then a forecast."""
+    history = trace.mean_rates(60.0)[: round(days * 1440)]
+    grid = Grid.of(60.0, 420.0, lead_seconds=300.0)
+    started = time.perf_counter()
+    choice = select_model(history, grid)
+    backtest = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(100):
+        forecast_peak(history, grid, choice)
+    forecast = (time.perf_counter() - started) / 100
+    print(f"\ntick cost on {history.size} samples ({history.size / 1440:.0f} days of 1-minute history): "
+          f"model choice by backtest {backtest * 1000:.0f} ms (every 6 h), forecast {forecast * 1000:.2f} ms "
+          f"(every tick); chose {choice.model}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--traces", type=Path, default=DEFAULT_TRACES, help="folder of trace CSVs")
@@ -154,10 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=Path("out/scaling-day.png"), help="PNG of one day")
     parser.add_argument("--plot-trace", default="nyc_taxi", help="trace (name substring) for the plot")
     parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    parser.add_argument("--no-synthetic", action="store_true", help="skip the seeded synthetic traces")
     args = parser.parse_args(argv)
 
     files = sorted(p for p in args.traces.glob("*.csv") if not args.only or any(o in p.name for o in args.only))
-    if not files:
+    synthetic = {} if args.no_synthetic else {
+        name: make for name, make in GENERATORS.items() if not args.only or any(o in name for o in args.only)
+    }
+    if not files and not synthetic:
         print(f"no trace CSVs in {args.traces}", file=sys.stderr)
         return 2
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
@@ -165,36 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     all_rows: list[Comparison] = []
     infos: list[dict[str, object]] = []
-    traces: dict[str, Trace] = {}
-    for path in files:
-        trace = read_trace(path, trace_format(path))
-        traces[path.stem] = trace
+    traces: dict[str, Trace] = {path.stem: read_trace(path, trace_format(path)) for path in files}
+    traces.update({name: make() for name, make in synthetic.items()})
+    for name, trace in traces.items():
         for delay in STARTUP_DELAYS:
-            rows, info = run_trace(path.stem, trace, delay, args.peak_replicas)
+            rows, info = run_trace(name, trace, delay, args.peak_replicas)
             all_rows.extend(rows)
             infos.append(info)
-            print(f"  {path.stem} startup {delay:.0f}s: {info['seconds']:.1f}s", file=sys.stderr)
-
-    header = (f"{'trace':<32} {'start':>5} {'U':>4} {'rep-h pred':>11} {'unserved pred':>13} "
-              f"{'reactive@=rh':>12} {'ratio':>6} {'reactive@U':>10}")
-    print("\nunserved demand at equal replica-hours (ratio = predictive / reactive; < 1 is better)")
-    print(header)
-    print("-" * len(header))
-    for row in all_rows:
-        ratio = "  n/a" if row.ratio is None else f"{row.ratio:6.2f}"
-        reactive = "  outside" if row.reactive_unserved is None else f"{row.reactive_unserved:12.3e}"
-        print(f"{row.trace:<32} {row.delay:>5.0f} {row.target:>4.1f} {row.replica_hours:>11.1f} "
-              f"{row.unserved:>13.3e} {reactive:>12} {ratio} {row.reactive_at_same_target:>10.3e}")
-    print("\nper trace and startup delay: median and worst ratio over targets in the reactive range; forecast error")
-    print(f"{'trace':<32} {'start':>5} {'median':>7} {'worst':>6} {'wAPE':>6} {'cover':>6} {'floor%':>6}  models")
-    for info in infos:
-        ratios = [r.ratio for r in all_rows if r.trace == info["trace"] and r.delay == info["delay"] and r.ratio]
-        median = f"{float(np.median(ratios)):7.2f}" if ratios else "    n/a"
-        worst = f"{max(ratios):6.2f}" if ratios else "   n/a"
-        models = ", ".join(f"{m} {share:.0%}" for m, share in info["models"].items())  # type: ignore[attr-defined]
-        print(f"{info['trace']:<32} {info['delay']:>5.0f} {median} {worst} "
-              f"{info['forecast_weighted_abs_error']:6.3f} {info['forecast_coverage']:6.3f} "
-              f"{info['floor_tick_fraction']:6.1%}  {models}")
+            print(f"  {name} startup {delay:.0f}s: {info['seconds']:.1f}s", file=sys.stderr)
+    print_tables(all_rows, infos)
+    print_tick_cost(max(traces.values(), key=lambda trace: trace.duration))
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
 
     plot_name = next((name for name in traces if args.plot_trace in name), next(iter(traces)))
@@ -211,7 +307,12 @@ def main(argv: list[str] | None = None) -> int:
                  title=f"{plot_name}: day {start / 86400:.0f}, startup {STARTUP_DELAYS[-1]:.0f}s, target 0.7")
     print(f"plot: {args.plot}")
     if args.json:
-        payload = {"comparisons": [row.__dict__ | {"ratio": row.ratio} for row in all_rows], "traces": infos}
+        payload = {
+            "comparisons": [
+                row.__dict__ | {"ratio": row.ratio, "heldout_ratio": row.heldout_ratio} for row in all_rows
+            ],
+            "traces": infos,
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False))
     return 0

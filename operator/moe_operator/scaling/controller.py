@@ -24,17 +24,18 @@ from moe_operator.scaling.forecast import (
     ModelChoice,
     Seasonality,
     forecast_peak,
+    incumbent_model,
     select_model,
 )
 from moe_operator.scaling.metrics import ScalingMetrics, scaling_metrics
 from moe_operator.scaling.policy import (
-    REFIT_SECONDS,
     FloorMemory,
     FloorSettings,
     default_horizon_seconds,
     floor_on_failure,
     floor_on_success,
     floor_recommendation,
+    refit_due,
 )
 from moe_operator.scaling.prometheus import (
     NO_DATA,
@@ -66,6 +67,8 @@ class PredictiveState:
     floor: FloorMemory = field(default_factory=FloorMemory)
     choice: ModelChoice | None = None
     choice_at: float | None = None
+    #: History samples the cached choice was made on (a young history is re-fitted as it grows).
+    choice_samples: int = 0
     #: The settings the cached choice was made for; a spec change forces a new backtest.
     choice_key: tuple[float, int, str, float] | None = None
     consecutive_failures: int = 0
@@ -209,12 +212,14 @@ def _current_choice(
         state.choice is not None
         and state.choice_key == key
         and state.choice_at is not None
-        and 0 <= now - state.choice_at < REFIT_SECONDS
+        and not refit_due(now - state.choice_at, state.choice_samples, history.size)
     )
     if fresh and state.choice is not None:
         return state.choice
-    choice = select_model(history, grid, seasonality, floor_hold_seconds=hold)
+    incumbent = incumbent_model(state.choice) if state.choice_key == key else None
+    choice = select_model(history, grid, seasonality, floor_hold_seconds=hold, incumbent=incumbent)
     state.choice, state.choice_at, state.choice_key = choice, now, key
+    state.choice_samples = history.size
     return choice
 
 

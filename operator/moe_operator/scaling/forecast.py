@@ -12,15 +12,20 @@ Models (each a point forecast of that peak, then scaled to an upper quantile by 
   rescaled by how today's recent level compares with the level then; median over the periods.
 - ``local-trend``: least-squares line through the recent window, extrapolated over the horizon.
 - ``recent-peak``: the peak of the recent window (for bursty traffic that repeats its bursts).
+- ``burst-reserve``: the mean level of the recent window; its backtest factor is then the upper
+  quantile of ``max(y[o:o + h]) / level(o)`` learned from the series' own past, so capacity stays at
+  the height of the bursts that recur at this level instead of being released after each one. It
+  needs the least history (see ``Grid.min_history``), so it is the model that can start first.
 
 Each model's upper quantile comes from its own backtest (the factor that makes it cover the actual
 peak at ``quantile`` of the origins: the pinball-loss optimum among its rescalings, so
 under-forecasting costs ``quantile / (1 - quantile)`` times over-forecasting). The choice is per
 series: the model whose floor leaves the least demand uncovered *at equal average capacity* with
 reactive scaling (which could equally buy that capacity with a lower target), cross-validated, with
-a confidence bound, and confirmed on the history of six hours earlier; a series where no model does
-confidently better gets no forecast floor (``REACTIVE``): the forecaster knows when not to trust
-itself.
+a confidence bound (shape models) or a better score on its own past (the burst reserve, the one
+pre-specified fallback), confirmed on older history, and kept while it is not confidently worse
+(hysteresis: a floor switched on and off by noise costs more than either). A series where no model
+does better gets no forecast floor (``REACTIVE``): the forecaster knows when not to trust itself.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -47,7 +53,8 @@ SEASONAL_DAILY = "seasonal-daily"
 SEASONAL_WEEKLY = "seasonal-weekly"
 LOCAL_TREND = "local-trend"
 RECENT_PEAK = "recent-peak"
-MODELS = (SEASONAL_DAILY, SEASONAL_WEEKLY, LOCAL_TREND, RECENT_PEAK)
+BURST_RESERVE = "burst-reserve"
+MODELS = (SEASONAL_DAILY, SEASONAL_WEEKLY, LOCAL_TREND, RECENT_PEAK, BURST_RESERVE)
 
 #: Upper quantile forecast and the asymmetry of the loss (under-forecasting costs 9x over-forecasting).
 DEFAULT_QUANTILE = 0.9
@@ -58,21 +65,51 @@ MAX_LEVEL_RATIO = 3.0
 #: The recent window (level, trend, peak) spans at least this long, and at least two horizons.
 RECENT_WINDOW_SECONDS = 3600
 #: Backtest origins: every step of this much recent history (consecutive, so holds can be replayed),
-#: cut into this many folds for cross-validation.
+#: cut into folds for cross-validation: at most this many, each at least one horizon long (a fold
+#: shorter than a horizon shares its outcomes with the next one), and at least MIN_FOLDS.
 BACKTEST_SPAN_SECONDS = 4 * DAY_SECONDS
 BACKTEST_FOLDS = 4
-#: Trust must persist: a model gets a floor only if it also passes on the history of this long ago.
+MIN_FOLDS = 3
+#: Trust must persist: a model gets a floor only if it also passes on the history of this long ago,
+#: or, while the history is young, on the history without its newest quarter.
 CONFIRMATION_SECONDS = 6 * 3600
+CONFIRMATION_SHARE = 0.25
 #: How long the HPA keeps its highest recommendation (scale-down stabilisation) and the floor its own.
 REACTIVE_HOLD_SECONDS = 300.0
 FLOOR_HOLD_SECONDS = 600.0
-#: Fewest backtest origins that make a choice meaningful.
+#: Fewest backtest origins that make a choice among the shape models meaningful.
 MIN_BACKTEST_ORIGINS = 30
-#: One-sided Student t quantiles (BACKTEST_FOLDS - 1 = 3 degrees of freedom) at 99% confidence with a
-#: Bonferroni correction for the number of models compared: a model is trusted only when the upper
-#: confidence bound of its pooled fold score is below 1 (better than reactive), so picking the best of
-#: several noisy candidates does not by itself produce a winner.
-CONFIDENCE_T = {1: 4.541, 2: 5.841, 3: 6.741, 4: 7.453}
+#: A model is trusted only when the one-sided upper confidence bound of its pooled fold score (Student t
+#: over the folds, Bonferroni-corrected for the number of models compared) is below 1: better than
+#: reactive scaling, and not just the luckiest of several noisy candidates.
+TRUST_CONFIDENCE = 0.9
+BURST_FALLBACK = BURST_RESERVE
+INCUMBENT_RULE = "lower"
+
+
+@lru_cache(maxsize=256)
+def student_t_upper(dof: int, tail: float) -> float:
+    """The ``x`` with ``P(T > x) = tail`` for Student's t with ``dof`` degrees of freedom (numerical)."""
+    if dof < 1 or not 0 < tail < 0.5:
+        raise ForecastError(f"need dof >= 1 and a tail in (0, 0.5), got {dof}, {tail}")
+    # Integrate the density on u = atan(x) in (0, pi/2), where it is smooth and bounded.
+    u = np.linspace(0.0, math.pi / 2, 200001)[:-1]
+    x = np.tan(u)
+    log_c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+    density = np.exp(log_c - (dof + 1) / 2 * np.log1p(x * x / dof)) / np.cos(u) ** 2
+    above = 0.5 - np.concatenate(([0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(u))))
+    return float(x[min(int(np.searchsorted(-above, -tail)), x.size - 1)])
+
+
+def trust_t(folds: int, candidates: int, confidence: float | None = None) -> float:
+    """The t multiplier of the trust bound for ``folds`` folds and ``candidates`` models compared."""
+    level = TRUST_CONFIDENCE if confidence is None else confidence
+    return student_t_upper(folds - 1, (1.0 - level) / max(1, candidates))
+
+
+def quantile_origins(quantile: float = DEFAULT_QUANTILE) -> int:
+    """Outcomes needed before an empirical ``quantile`` is more than the largest one seen: 1 / (1 - q)."""
+    return math.ceil(1.0 / (1.0 - quantile) - 1e-9)
 
 
 class ForecastError(ValueError):
@@ -106,7 +143,17 @@ class Grid:
 
     @property
     def min_history(self) -> int:
-        """Samples needed before any model can be backtested."""
+        """Samples needed before any model can be backtested: those of ``burst-reserve``, the first to start.
+
+        Its level needs one horizon of history, its first outcome one more horizon, and an empirical
+        upper quantile of the horizon's peak needs ``quantile_origins()`` outcomes (10 at q = 0.9;
+        with fewer, the "quantile" is only the largest peak seen so far).
+        """
+        return earliest_origin(BURST_RESERVE, self) + self.horizon + quantile_origins()
+
+    @property
+    def min_shape_history(self) -> int:
+        """Samples needed before the shape models (trend, recent peak) can be backtested."""
         return self.window + self.horizon + MIN_BACKTEST_ORIGINS
 
 
@@ -189,6 +236,13 @@ def _recent_peak(y: FloatArray, origins: IntArray, grid: Grid) -> FloatArray:
     return np.asarray(_gather(y, origins - grid.window, grid.window).max(axis=1), dtype=np.float64)
 
 
+def _recent_level(y: FloatArray, origins: IntArray, grid: Grid) -> FloatArray:
+    """Mean of the last ``grid.window`` samples (all of them while the history is shorter)."""
+    csum = np.concatenate(([0.0], np.cumsum(y)))
+    starts = np.maximum(origins - grid.window, 0)
+    return np.asarray((csum[origins] - csum[starts]) / (origins - starts), dtype=np.float64)
+
+
 def persistence(y: FloatArray, origins: IntArray) -> FloatArray:
     """The last known rate: what a reactive autoscaler acts on."""
     return np.asarray(y[origins - 1], dtype=np.float64)
@@ -205,6 +259,8 @@ def point_forecast(model: str, y: FloatArray, origins: IntArray, grid: Grid, per
         return _local_trend(y, origins, grid)
     if model == RECENT_PEAK:
         return _recent_peak(y, origins, grid)
+    if model == BURST_RESERVE:
+        return _recent_level(y, origins, grid)
     raise ForecastError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
 
 
@@ -212,6 +268,9 @@ def earliest_origin(model: str, grid: Grid, periods: int = 1) -> int:
     """The first origin at which ``model`` has all the history it reads."""
     if model in (SEASONAL_DAILY, SEASONAL_WEEKLY):
         return periods * grid.period(model) + grid.window
+    if model == BURST_RESERVE:
+        # A level averaged over less than one horizon is one burst, not a level.
+        return grid.horizon
     return grid.window
 
 
@@ -231,11 +290,11 @@ def quantile_factor(actual: FloatArray, point: FloatArray, quantile: float) -> f
 
 def candidate_models(seasonality: Seasonality) -> tuple[str, ...]:
     if seasonality == "daily":
-        return (SEASONAL_DAILY, LOCAL_TREND, RECENT_PEAK)
+        return (SEASONAL_DAILY, LOCAL_TREND, RECENT_PEAK, BURST_RESERVE)
     if seasonality == "weekly":
-        return (SEASONAL_WEEKLY, LOCAL_TREND, RECENT_PEAK)
+        return (SEASONAL_WEEKLY, LOCAL_TREND, RECENT_PEAK, BURST_RESERVE)
     if seasonality == "none":
-        return (LOCAL_TREND, RECENT_PEAK)
+        return (LOCAL_TREND, RECENT_PEAK, BURST_RESERVE)
     return MODELS
 
 
@@ -263,24 +322,47 @@ def select_model(
     quantile: float = DEFAULT_QUANTILE,
     reactive_hold_seconds: float = REACTIVE_HOLD_SECONDS,
     floor_hold_seconds: float = FLOOR_HOLD_SECONDS,
+    incumbent: str | None = None,
 ) -> ModelChoice:
     """Pick the forecaster for this series (``backtest_model``), confirmed on older history.
 
     A model that wins now must also win on the history as it stood ``CONFIRMATION_SECONDS`` ago (the
     backtest the controller ran then); otherwise the choice is ``REACTIVE`` with the model
     ``pending``. Evidence that appears in one window and not the next is most often luck.
+
+    ``incumbent`` is the model the previous choice gave a floor (if any): trust is hysteretic. A new
+    model needs the confidence bound below 1; the incumbent keeps its trust while its score stays
+    below 1, so a floor is not switched off and on by the noise of the bound (a floor that comes and
+    goes with the last few days' luck is on after the bursts it would have caught, off before the next).
     """
     y = fill_gaps(values)
-    choice = backtest_model(y, grid, seasonality, quantile, reactive_hold_seconds, floor_hold_seconds)
-    if not choice.uses_floor:
+    choice = backtest_model(
+        y, grid, seasonality, quantile, reactive_hold_seconds, floor_hold_seconds, incumbent=incumbent
+    )
+    if not choice.uses_floor or choice.model == incumbent:
         return choice
-    earlier = y[: y.size - math.ceil(CONFIRMATION_SECONDS / grid.step_seconds)]
+    earlier = y[: y.size - confirmation_lag(y.size, grid)]
     confirmed = earlier.size >= grid.min_history and backtest_model(
         earlier, grid, seasonality, quantile, reactive_hold_seconds, floor_hold_seconds
     ).uses_floor
     if confirmed:
         return choice
     return ModelChoice(REACTIVE, 1.0, 0, choice.baseline_error, choice.baseline_error, choice.origins, choice.model)
+
+
+def incumbent_model(previous: ModelChoice | None) -> str | None:
+    """The model whose floor is in force (for ``select_model``'s hysteresis), if any."""
+    return previous.model if previous is not None and previous.uses_floor else None
+
+
+def confirmation_lag(samples: int, grid: Grid) -> int:
+    """How many of the newest samples the confirming backtest leaves out."""
+    return min(math.ceil(CONFIRMATION_SECONDS / grid.step_seconds), math.ceil(CONFIRMATION_SHARE * samples))
+
+
+def min_origins(model: str, quantile: float = DEFAULT_QUANTILE) -> int:
+    """Backtest origins a model needs: the level model only its quantile's, the shape models more."""
+    return quantile_origins(quantile) if model == BURST_RESERVE else MIN_BACKTEST_ORIGINS
 
 
 def backtest_model(
@@ -290,6 +372,7 @@ def backtest_model(
     quantile: float = DEFAULT_QUANTILE,
     reactive_hold_seconds: float = REACTIVE_HOLD_SECONDS,
     floor_hold_seconds: float = FLOOR_HOLD_SECONDS,
+    incumbent: str | None = None,
 ) -> ModelChoice:
     """Pick the forecaster for this series by rolling-origin backtest (see the module docstring).
 
@@ -299,9 +382,9 @@ def backtest_model(
     stabilisation window), and what is provided is the larger of the two. A model's score is the
     demand it leaves uncovered divided by what reactive scaling leaves uncovered when it spends the
     same capacity on average (a lower HPA target), so a model wins only by putting capacity where the
-    peaks come, never by buying more of it. Shortfalls are cross-validated over ``BACKTEST_FOLDS``
-    folds; among models whose one-sided 99% upper bound of the pooled score (Bonferroni-corrected
-    for the number of candidates) is below 1, the lowest score wins;
+    peaks come, never by buying more of it. Shortfalls are cross-validated over up to
+    ``BACKTEST_FOLDS`` folds; among the models ``trusted`` admits (a shape model must also be
+    confidently better than the burst reserve when that is trusted), the lowest score wins;
     otherwise ``REACTIVE``. Raises ForecastError when the series is shorter than ``grid.min_history``.
     """
     if not 0.5 <= quantile < 1.0:
@@ -313,8 +396,9 @@ def backtest_model(
         )
     reactive_hold = max(1, round(reactive_hold_seconds / grid.step_seconds))
     floor_hold = max(1, round(floor_hold_seconds / grid.step_seconds))
-    # One origin set for every model, so their losses are comparable; seasonal models need more history.
-    base_origins = backtest_origins(y.size, grid, max(grid.window, reactive_hold))
+    candidates = candidate_models(seasonality)
+    # One origin set for every model, so their losses are comparable; most models need more history.
+    base_origins = backtest_origins(y.size, grid, min(earliest_origin(m, grid) for m in candidates))
     actual = future_peak(y, base_origins, grid.horizon)
     # Scored on the part of the horizon that capacity asked for at the origin can still serve.
     ready_peak = future_peak(y, base_origins + grid.lead, grid.horizon - grid.lead)
@@ -323,24 +407,33 @@ def backtest_model(
     baseline_factor = quantile_factor(actual, reactive, quantile)
     baseline_error = pinball_loss(actual, baseline_factor * reactive, quantile) / scale
     best = ModelChoice(REACTIVE, 1.0, 0, baseline_error, baseline_error, base_origins.size)
-    best_score = 1.0
-    candidates = candidate_models(seasonality)
-    t_quantile = CONFIDENCE_T[len(candidates)]
-    for model in candidates:
+    best_score = math.inf
+    # The fallback first: a shape model is worth its extra assumptions only when it is confidently
+    # better than the fallback too (its upper bound below the fallback's score).
+    fallback_score = math.inf
+    for model in sorted(candidates, key=lambda name: name != BURST_FALLBACK):
         periods = _periods_available(model, grid, y.size)
         if periods == 0:
             continue
         keep = base_origins >= earliest_origin(model, grid, periods)
         origins = base_origins[keep]
-        if origins.size < MIN_BACKTEST_ORIGINS:
+        if origins.size < min_origins(model, quantile):
+            continue
+        folds = min(BACKTEST_FOLDS, origins.size // grid.horizon)
+        if folds < MIN_FOLDS:
             continue
         point = point_forecast(model, y, origins, grid, periods)
         model_short, reactive_short = cross_validated_shortfalls(
-            point, actual[keep], ready_peak[keep], reactive[keep], quantile, floor_hold
+            point, actual[keep], ready_peak[keep], reactive[keep], quantile, floor_hold, folds
         )
-        score, upper = score_with_bound(model_short, reactive_short, t_quantile)
-        # Trusted only when confidently better than reactive, not thanks to one lucky fold.
-        if score < best_score and upper < 1.0:
+        score, upper = score_with_bound(model_short, reactive_short, trust_t(folds, len(candidates)))
+        if not trusted(model, score, upper, incumbent):
+            continue
+        if model == BURST_FALLBACK:
+            fallback_score = score
+        elif not (upper < fallback_score or (model == incumbent and score < fallback_score)):
+            continue
+        if score < best_score:
             best_score = score
             factor = quantile_factor(actual[keep], point, quantile)
             provided = np.maximum(rolling_max(factor * point, floor_hold), reactive[keep])
@@ -348,6 +441,29 @@ def backtest_model(
             reference = pinball_loss(actual[keep], baseline_factor * reactive[keep], quantile) / scale
             best = ModelChoice(model, factor, periods, error, reference, int(origins.size))
     return best
+
+
+def trusted(model: str, score: float, upper: float, incumbent: str | None) -> bool:
+    """Whether a model's backtest earns (or keeps) it a floor; ``score`` < 1 is better than reactive.
+
+    - Any model whose upper confidence bound is below 1 (confidently better than reactive).
+    - ``burst-reserve`` whenever it beats reactive at all: it is the one pre-specified fallback (no
+      best-of-several selection to correct for), and a level-proportional reserve is only a re-shaped
+      headroom, so its downside is that of a slightly different HPA target.
+    - The incumbent (the model whose floor is in force) until it is confidently worse than reactive
+      (its lower bound above 1): a floor switched off and on by noise in the evidence costs more
+      than either (capacity bought part-time is bought at the wrong times).
+    """
+    if not math.isfinite(score):
+        return False  # reactive scaling missed nothing: there is nothing for a floor to win
+    if upper < 1.0:
+        return True
+    if model == BURST_FALLBACK and score < 1.0:
+        return True
+    if model == incumbent:
+        lower = 2.0 * score - upper if math.isfinite(upper) else -math.inf
+        return lower <= 1.0 if INCUMBENT_RULE == "lower" else score < 1.0
+    return False
 
 
 def cross_validated_shortfalls(
@@ -360,39 +476,42 @@ def cross_validated_shortfalls(
     on the other folds, so the result says how the model does on data its calibration has not seen.
     """
     bounds = np.linspace(0, point.size, folds + 1).astype(np.int64)
-    model_short = np.empty(folds, dtype=np.float64)
-    reactive_short = np.empty(folds, dtype=np.float64)
+    provided = np.empty(point.size, dtype=np.float64)
     for k in range(folds):
         part = slice(int(bounds[k]), int(bounds[k + 1]))
         rest = np.ones(point.size, dtype=bool)
         rest[part] = False
         factor = quantile_factor(actual[rest], point[rest], quantile)
-        provided = np.maximum(rolling_max(factor * point[part], floor_hold), reactive[part])
-        equal_cost = float(np.sum(provided)) / max(float(np.sum(reactive[part])), 1e-12) * reactive[part]
-        reactive_short[k] = float(np.sum(np.maximum(ready_peak[part] - equal_cost, 0.0)))
-        model_short[k] = float(np.sum(np.maximum(ready_peak[part] - provided, 0.0)))
+        provided[part] = np.maximum(rolling_max(factor * point[part], floor_hold), reactive[part])
+    # Reactive scaling spends the same capacity over the whole span (one lower HPA target, as a user
+    # would buy it), not fold by fold: a floor that is costly in quiet folds pays for it here.
+    equal_cost = float(np.sum(provided)) / max(float(np.sum(reactive)), 1e-12) * reactive
+    model_gap = np.maximum(ready_peak - provided, 0.0)
+    reactive_gap = np.maximum(ready_peak - equal_cost, 0.0)
+    model_short = np.add.reduceat(model_gap, bounds[:-1]) if point.size else np.zeros(folds)
+    reactive_short = np.add.reduceat(reactive_gap, bounds[:-1]) if point.size else np.zeros(folds)
     return model_short, reactive_short
 
 
 def score_with_bound(model_short: FloatArray, reactive_short: FloatArray, t_quantile: float) -> tuple[float, float]:
     """The pooled score (model shortfall over reactive's) and an upper confidence bound on it.
 
-    Folds weigh by how much reactive scaling missed in them: a quiet fold where nothing needed
-    predicting says little either way, a fold with the morning ramp says a lot.
+    The score is a ratio of totals, so folds weigh by how much reactive scaling missed in them (a quiet
+    fold says little either way, a fold with the morning ramp a lot). Its standard error is the ratio
+    estimator's (delta method over the folds): each fold contributes its shortfall residual
+    ``model - score * reactive`` in demand, so a quiet fold with a tiny denominator cannot blow up the
+    bound the way a per-fold ratio would.
     """
     total = float(np.sum(reactive_short))
     if total <= 0:
         return math.inf, math.inf
+    folds = model_short.size
     score = float(np.sum(model_short)) / total
-    weights = reactive_short / total
-    informative = weights > 0
-    ratios = model_short[informative] / reactive_short[informative]
-    w = weights[informative]
-    concentration = float(np.sum(w * w))
-    if w.size < 2 or concentration >= 1.0:
+    if folds < 2:
         return score, math.inf
-    variance = float(np.sum(w * (ratios - score) ** 2)) / (1.0 - concentration)
-    return score, score + t_quantile * math.sqrt(variance * concentration)
+    residuals = model_short - score * reactive_short
+    variance = folds / (folds - 1) * float(np.sum(residuals * residuals)) / (total * total)
+    return score, score + t_quantile * math.sqrt(variance)
 
 
 def _periods_available(model: str, grid: Grid, n: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 HPA_SYNC_SECONDS = 15.0
 HPA_TOLERANCE = 0.1
@@ -27,6 +28,12 @@ METRIC_LAG_SECONDS = 30.0
 HORIZON_MARGIN_SECONDS = 120
 #: How often the forecaster is re-chosen by backtest (the choice moves slowly; the forecast every tick).
 REFIT_SECONDS = 6 * 3600.0
+#: ... and sooner while the history is young: whenever it has grown by this factor since the last
+#: backtest, so a model learnt from minutes of history is re-learnt as the minutes add up.
+REFIT_GROWTH = 1.25
+#: Floor levels above minReplicas step by at least this ratio (the HPA's own tolerance): a smaller
+#: change is one the HPA's metric would ignore, so it would only add a scale event.
+FLOOR_STEP_RATIO = 1.0 + HPA_TOLERANCE
 
 
 class PolicyError(ValueError):
@@ -35,6 +42,24 @@ class PolicyError(ValueError):
 
 def clamp(value: int, low: int, high: int) -> int:
     return max(low, min(high, value))
+
+
+def refit_due(age_seconds: float, fitted_samples: int, samples: int) -> bool:
+    """Whether the cached model choice must be re-made by backtest (see ``REFIT_GROWTH``)."""
+    return not 0 <= age_seconds < REFIT_SECONDS or samples >= REFIT_GROWTH * fitted_samples
+
+
+@lru_cache(maxsize=4096)
+def floor_level(replicas: int, min_replicas: int) -> int:
+    """The smallest floor level >= ``replicas``: levels grow from ``min_replicas`` by ``FLOOR_STEP_RATIO``.
+
+    Each level is the previous one times the ratio, rounded up, and at least one more, so the floor
+    moves in steps the HPA's tolerance would not absorb (1 2 3 ... 10 11 13 15 17 19 21 24 27 ...).
+    """
+    level = max(1, min_replicas)
+    while level < replicas:
+        level = max(level + 1, math.ceil(level * FLOOR_STEP_RATIO - 1e-9))
+    return level
 
 
 def recommended_replicas(
@@ -73,6 +98,7 @@ class HpaModel:
     target_utilization: float
     max_replicas: int
     scale_down_stabilization_seconds: float = HPA_SCALE_DOWN_STABILIZATION_SECONDS
+    #: The window's recommendations that can still be its maximum (time, replicas), decreasing.
     recommendations: deque[tuple[float, int]] = field(default_factory=deque)
 
     def metric_replicas(self, load: float, current: int, ready: int) -> int:
@@ -106,10 +132,15 @@ class HpaModel:
             return min_replicas
         proposal = self.metric_replicas(load, current, ready)
         cutoff = now - self.scale_down_stabilization_seconds
-        while self.recommendations and self.recommendations[0][0] <= cutoff:
-            self.recommendations.popleft()
-        down = max([proposal, *(rec for _, rec in self.recommendations)])
-        self.recommendations.append((now, proposal))
+        window = self.recommendations
+        while window and window[0][0] <= cutoff:
+            window.popleft()
+        down = max(proposal, window[0][1]) if window else proposal
+        # Kept decreasing front to back: an older recommendation not above a newer one can never be
+        # the window's maximum again, so the maximum is always at the front (O(1) per sync).
+        while window and window[-1][1] <= proposal:
+            window.pop()
+        window.append((now, proposal))
         # Scale-up stabilisation window is 0 s: the up-recommendation is the proposal itself.
         stabilized = clamp(current, proposal, down)
         if stabilized > current:
@@ -152,14 +183,25 @@ def floor_on_success(memory: FloorMemory, now: float, recommendation: int, setti
     """The minReplicas to hold after a good forecast: raise at once, lower only through the window.
 
     The floor is the highest recommendation of the last ``stabilization_seconds``, so it follows a
-    falling forecast gradually and a forecast that dips for one tick does not flap the HPA.
+    falling forecast gradually and a forecast that dips for one tick does not flap the HPA; it is
+    rounded up to a ``floor_level``, so a forecast drifting by a replica or two moves it rarely.
     """
     recommendation = clamp(recommendation, settings.min_replicas, settings.max_replicas)
     cutoff = now - settings.stabilization_seconds
     while memory.recommendations and memory.recommendations[0][0] <= cutoff:
         memory.recommendations.popleft()
     memory.recommendations.append((now, recommendation))
-    applied = clamp(max(rec for _, rec in memory.recommendations), settings.min_replicas, settings.max_replicas)
+    highest = max(rec for _, rec in memory.recommendations)
+    applied = clamp(floor_level(highest, settings.min_replicas), settings.min_replicas, settings.max_replicas)
+    previous = memory.applied
+    if (
+        previous is not None
+        and settings.min_replicas < applied < previous
+        and floor_level(applied + 1, settings.min_replicas) >= previous
+    ):
+        # Hysteresis: a fall of a single level is held (a forecast wavering at a level's edge would
+        # otherwise move the floor on every crossing); two levels, or back to minReplicas, go through.
+        applied = previous
     memory.last_good = applied
     memory.last_good_at = now
     memory.applied = applied

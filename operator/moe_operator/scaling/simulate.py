@@ -31,12 +31,12 @@ from moe_operator.scaling.forecast import (
     fill_gaps,
     forecast_peak,
     future_peak,
+    incumbent_model,
     select_model,
 )
 from moe_operator.scaling.policy import (
     HPA_SYNC_SECONDS,
     METRIC_LAG_SECONDS,
-    REFIT_SECONDS,
     FloorMemory,
     FloorSettings,
     HpaModel,
@@ -45,6 +45,7 @@ from moe_operator.scaling.policy import (
     floor_on_success,
     floor_recommendation,
     recommended_replicas,
+    refit_due,
 )
 from moe_operator.scaling.traces import Trace
 
@@ -165,8 +166,8 @@ def tick_origins(tick_times: FloatArray, step_seconds: float) -> IntArray:
 def forecast_schedule(trace: Trace, config: SimulationConfig) -> ForecastSchedule:
     """Run the predictive controller's forecast at every tick of the replay, causally.
 
-    The model is re-chosen by backtest every ``REFIT_SECONDS`` on the lookback window, as the live
-    controller does; between refits the chosen model forecasts each tick from the history it had.
+    The model is re-chosen by backtest on the lookback window whenever ``refit_due`` says so, as the
+    live controller does; between refits the chosen model forecasts each tick from the history it had.
     """
     grid = config.grid
     history = trace.mean_rates(config.step_seconds)
@@ -175,15 +176,18 @@ def forecast_schedule(trace: Trace, config: SimulationConfig) -> ForecastSchedul
     lookback = max(1, round(config.lookback_seconds / config.step_seconds))
     predicted = np.full(ticks.size, np.nan)
     uses_floor = np.zeros(ticks.size, dtype=bool)
-    refit_every = max(1, round(REFIT_SECONDS / config.interval_seconds))
-    # Like the controller: the first backtest as soon as the history suffices, then every REFIT_SECONDS.
+    samples = np.minimum(np.maximum(origins, 0), lookback)
+    # Like the controller: the first backtest as soon as the history suffices, then when refit_due.
     sufficient = np.flatnonzero(origins >= grid.min_history)
     first_fit = int(sufficient[0]) if sufficient.size else ticks.size
     models = ["insufficient-history"] * first_fit
-    for block_start in range(first_fit, ticks.size, refit_every):
-        block = slice(block_start, min(ticks.size, block_start + refit_every))
+    block_start = first_fit
+    choice: ModelChoice | None = None
+    while block_start < ticks.size:
+        block = slice(block_start, _next_refit(ticks, samples, block_start))
+        block_start = block.stop
         first = int(origins[block.start])
-        choice = _choose(history[max(0, first - lookback) : first], grid, config)
+        choice = _choose(history[max(0, first - lookback) : first], grid, config, choice)
         block_origins = origins[block]
         models.extend(["insufficient-history" if choice is None else choice.model] * (block.stop - block.start))
         if choice is None:
@@ -196,12 +200,23 @@ def forecast_schedule(trace: Trace, config: SimulationConfig) -> ForecastSchedul
     return ForecastSchedule(ticks, predicted, uses_floor, tuple(models), error, coverage)
 
 
-def _choose(window: FloatArray, grid: Grid, config: SimulationConfig) -> ModelChoice | None:
+def _next_refit(ticks: FloatArray, samples: IntArray, fitted: int) -> int:
+    """The first tick after ``fitted`` at which ``refit_due`` asks for a new backtest (or the end)."""
+    for k in range(fitted + 1, ticks.size):
+        if refit_due(float(ticks[k] - ticks[fitted]), int(samples[fitted]), int(samples[k])):
+            return k
+    return int(ticks.size)
+
+
+def _choose(
+    window: FloatArray, grid: Grid, config: SimulationConfig, previous: ModelChoice | None
+) -> ModelChoice | None:
     if window.size < grid.min_history or not np.isfinite(window).any():
         return None
     try:
         return select_model(
-            window, grid, config.seasonality, config.quantile, floor_hold_seconds=config.stabilization_seconds
+            window, grid, config.seasonality, config.quantile, floor_hold_seconds=config.stabilization_seconds,
+            incumbent=incumbent_model(previous),
         )
     except ForecastError:
         return None

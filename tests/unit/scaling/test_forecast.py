@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from moe_operator.scaling.forecast import (
+    BURST_RESERVE,
     LOCAL_TREND,
     REACTIVE,
     RECENT_PEAK,
@@ -16,12 +17,18 @@ from moe_operator.scaling.forecast import (
     Grid,
     ModelChoice,
     backtest_model,
+    confirmation_lag,
     fill_gaps,
     forecast_peak,
     future_peak,
     pinball_loss,
     point_forecast,
+    quantile_factor,
+    quantile_origins,
     select_model,
+    student_t_upper,
+    trust_t,
+    trusted,
 )
 
 STEP = 300.0  # 5-minute history keeps the series short
@@ -126,10 +133,12 @@ def test_backtest_uses_no_floor_on_flat_traffic() -> None:
     assert select_model(np.full(3 * DAY, 50.0), GRID).model == REACTIVE
 
 
-def test_backtest_uses_no_floor_on_unpredictable_noise() -> None:
+def test_unpredictable_noise_gets_at_most_the_burst_reserve_never_a_shape_model() -> None:
+    # On independent noise a steady reserve beats chasing the last sample at equal capacity; a
+    # seasonal or trend model that seems to do as well is only fitting the noise.
     rng = np.random.default_rng(7)
     noise = rng.lognormal(3.0, 0.5, 6 * DAY)
-    assert select_model(noise, GRID).model == REACTIVE
+    assert select_model(noise, GRID).model in (REACTIVE, BURST_RESERVE)
 
 
 def test_backtest_tolerates_gaps_in_the_history() -> None:
@@ -181,12 +190,104 @@ def ramp(samples: int) -> np.ndarray:
 
 
 def test_a_model_that_wins_only_on_the_latest_history_waits_for_confirmation() -> None:
-    # 200 samples: the trend model wins now, but 6 h ago (72 samples fewer) it had not yet.
-    assert backtest_model(ramp(200), GRID).model == LOCAL_TREND
-    choice = select_model(ramp(200), GRID)
+    # 50 samples: the trend model wins now, but not without the newest quarter (13 samples fewer).
+    assert backtest_model(ramp(50), GRID).model == LOCAL_TREND
+    choice = select_model(ramp(50), GRID)
     assert (choice.model, choice.pending) == (REACTIVE, LOCAL_TREND)
 
 
-def test_a_model_that_also_won_six_hours_ago_gets_its_floor() -> None:
+def test_a_model_that_also_won_on_the_older_history_gets_its_floor() -> None:
     choice = select_model(ramp(600), GRID)
     assert (choice.model, choice.pending) == (LOCAL_TREND, None)
+
+
+def test_the_confirming_history_is_six_hours_older_or_a_quarter_shorter_when_young() -> None:
+    assert confirmation_lag(600, GRID) == 72  # 6 h of 5-minute samples
+    assert confirmation_lag(50, GRID) == 13
+
+
+def test_an_incumbent_is_kept_where_a_newcomer_would_wait_for_confirmation() -> None:
+    choice = select_model(ramp(50), GRID, incumbent=LOCAL_TREND)
+    assert (choice.model, choice.pending) == (LOCAL_TREND, None)
+
+
+def test_burst_reserve_forecasts_the_mean_level_of_the_recent_window() -> None:
+    y = np.tile([10.0, 10.0, 10.0, 10.0, 40.0], 40)
+    origin = np.array([150])
+    assert point_forecast(BURST_RESERVE, y, origin, GRID)[0] == pytest.approx(y[150 - GRID.window : 150].mean())
+
+
+def test_burst_reserve_level_averages_what_exists_while_the_history_is_short() -> None:
+    y = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert point_forecast(BURST_RESERVE, y, np.array([GRID.horizon]), GRID)[0] == pytest.approx(2.0)
+
+
+def test_burst_reserve_factor_is_the_upper_quantile_of_the_horizon_peak_over_the_level() -> None:
+    # A 40 requests/s burst every 5 samples on a base of 10: every 10-sample window averages 16, and a
+    # 3-sample horizon holds a burst at 3 of 5 origins, so the 0.9 quantile of peak / level is 40 / 16.
+    grid = Grid.of(360.0, 900.0, lead_seconds=600.0)
+    assert (grid.window, grid.horizon) == (10, 3)
+    y = np.tile([10.0, 10.0, 10.0, 10.0, 40.0], 60)
+    origins = np.arange(grid.window, y.size - grid.horizon)
+    point = point_forecast(BURST_RESERVE, y, origins, grid)
+    assert quantile_factor(future_peak(y, origins, grid.horizon), point, 0.9) == pytest.approx(2.5)
+
+
+def test_burst_reserve_covers_recurring_bursts_that_reactive_scaling_meets_late() -> None:
+    grid = Grid.of(360.0, 900.0, lead_seconds=600.0)
+    y = np.tile([10.0, 10.0, 10.0, 10.0, 40.0], 60)
+    choice = ModelChoice(BURST_RESERVE, 2.5, 1, 0.0, 0.0, 0)
+    assert forecast_peak(y, grid, choice)[0] == pytest.approx(40.0)  # the burst height, between bursts too
+
+
+def test_min_history_is_one_horizon_of_level_one_of_outcome_and_ten_outcomes_for_the_quantile() -> None:
+    grid = Grid.of(60.0, 420.0, lead_seconds=300.0)
+    assert grid.min_history == 7 + 7 + quantile_origins(0.9) == 24
+    assert quantile_origins(0.9) == 10 and quantile_origins(0.95) == 20
+
+
+def test_a_history_of_exactly_min_history_can_be_backtested() -> None:
+    grid = Grid.of(60.0, 420.0, lead_seconds=300.0)
+    rng = np.random.default_rng(4)
+    choice = select_model(rng.lognormal(1.0, 1.0, grid.min_history), grid)
+    assert choice.model in (REACTIVE, BURST_RESERVE)  # only the level model has enough history this early
+
+
+def test_burst_reserve_forecast_ignores_the_future() -> None:
+    y = np.random.default_rng(2).lognormal(2.0, 0.8, 400)
+    changed = y.copy()
+    changed[250:] = 1e6
+    origins = np.arange(GRID.horizon, 251)
+    np.testing.assert_array_equal(
+        point_forecast(BURST_RESERVE, y, origins, GRID), point_forecast(BURST_RESERVE, changed, origins, GRID)
+    )
+
+
+def test_a_new_shape_model_needs_its_confidence_bound_below_one() -> None:
+    assert trusted(LOCAL_TREND, 0.6, 0.9, incumbent=None)
+    assert not trusted(LOCAL_TREND, 0.6, 1.3, incumbent=None)
+
+
+def test_the_burst_fallback_needs_only_to_beat_reactive_on_its_past() -> None:
+    assert trusted(BURST_RESERVE, 0.95, 1.8, incumbent=None)
+    assert not trusted(BURST_RESERVE, 1.02, 1.8, incumbent=None)
+
+
+def test_an_incumbent_keeps_its_floor_until_it_is_confidently_worse_than_reactive() -> None:
+    assert trusted(LOCAL_TREND, 1.1, 1.5, incumbent=LOCAL_TREND)  # lower bound 0.7: not clearly worse
+    assert not trusted(LOCAL_TREND, 1.5, 1.8, incumbent=LOCAL_TREND)  # lower bound 1.2: clearly worse
+
+
+def test_no_model_is_trusted_where_reactive_scaling_missed_nothing() -> None:
+    assert not trusted(BURST_RESERVE, math.inf, math.inf, incumbent=BURST_RESERVE)
+
+
+def test_student_t_quantiles_match_the_tables() -> None:
+    assert student_t_upper(3, 0.005) == pytest.approx(5.841, abs=2e-3)
+    assert student_t_upper(15, 0.01) == pytest.approx(2.602, abs=2e-3)
+    assert student_t_upper(1, 0.01) == pytest.approx(31.82, abs=2e-2)
+
+
+def test_the_trust_bound_widens_with_fewer_folds_and_more_candidates() -> None:
+    assert trust_t(16, 5) > trust_t(16, 1)
+    assert trust_t(4, 5) > trust_t(16, 5)
