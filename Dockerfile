@@ -54,8 +54,12 @@ LABEL org.opencontainers.image.title="moe-router-runtime" \
       org.opencontainers.image.source="https://github.com/moe-router-operator/moe-router-operator" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=runtime-build /opt/venv /opt/venv
+# No OMP_NUM_THREADS: `serve` sizes worker processes and torch threads from the pod's CPU limit (cgroup).
+# Everything the runtime writes goes to the tmpfs at /tmp (read-only root filesystem): the multi-worker
+# metrics files ($TMPDIR) and numba's compiled-kernel cache (shared by the workers of one pod).
 ENV HOME=/tmp \
-    OMP_NUM_THREADS=2
+    TMPDIR=/tmp \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 WORKDIR /tmp
 USER 65532:65532
 EXPOSE 8080

@@ -13,10 +13,12 @@ tokens. For the binary tensor extension and for JSON tensors it measures
 and compares the binary saturation throughput with in-process ``DynamicRouter.route`` on 8192-token
 batches (the issue's target: >= 40 %, and p99 < 50 ms at half of saturation). When Debian's ``wrk`` is
 installed the binary saturation runs are repeated with ``wrk -t1`` (C, a Lua script posts the body),
-a lighter generator than Python. Each run also reports the CPU per request of the server, of its
-event-loop thread and of the generator. Everything shares the machine's cores, unpinned.
+a lighter generator than Python. Each run also reports the CPU per request of the server (all its
+processes), of its event-loop threads and of the generator. Everything shares the machine's cores,
+unpinned. ``--workers`` repeats everything for each number of server processes (``serve --workers``).
 
-    .venv/bin/python benchmarks/router_http.py [--duration 8] [--modes binary json] [--no-wrk] [--json out.json]
+    .venv/bin/python benchmarks/router_http.py [--duration 8] [--workers 1 2] [--modes binary json] [--no-wrk]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -169,24 +171,38 @@ def loadgen(args: argparse.Namespace) -> int:
     return 0
 
 
-def thread_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of ``pid``, from /proc (Linux)."""
+def server_processes(pid: int) -> list[int]:
+    """``pid`` and its children (the worker processes when the server runs several), from /proc."""
+    processes = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    processes.append(int(entry.name))
+    return processes
+
+
+def thread_cpu_seconds(pid: int) -> dict[tuple[int, int], float]:
+    """CPU seconds (user + system) of each thread of ``pid`` and its children, by (process, thread), from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
-    result: dict[int, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    result: dict[tuple[int, int], float] = {}
+    for process in server_processes(pid):
         with contextlib.suppress(OSError):
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            result[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+            for task in Path(f"/proc/{process}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    result[process, int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
     return result
 
 
 def measured(server_pid: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``run()``'s result plus the CPU the server (event loop thread vs the rest) and the generator spent."""
+    """``run()``'s result plus the CPU the server (event-loop threads vs the rest) and the generator spent."""
     before, children_before = thread_cpu_seconds(server_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = run()
     after, children_after = thread_cpu_seconds(server_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
-    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
-    loop_thread = spent.get(server_pid, 0.0)  # the main thread (tid == pid) runs the event loop
+    spent = {key: after[key] - before.get(key, 0.0) for key in after}
+    # The main thread of each serving process (tid == pid) runs its event loop; the supervisor's is idle.
+    loop_thread = sum(seconds for (process, tid), seconds in spent.items() if process == tid)
     generator = (children_after.ru_utime + children_after.ru_stime) - (
         children_before.ru_utime + children_before.ru_stime
     )
@@ -284,69 +300,97 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def bench(args: argparse.Namespace) -> int:
+def serve_and_measure(args: argparse.Namespace, workers: int, wrk: str | None) -> list[dict[str, Any]]:
+    """Start ``moe-router serve --workers N`` and run every measurement against it."""
     from router_runtime.client import wait_ready
     from router_runtime.config import RuntimeFileConfig
 
-    load = os.getloadavg()[0]
-    wrk = None if args.no_wrk else shutil.which("wrk")
-    print(
-        f"machine: {os.cpu_count()} cores (server, load generator and in-process reference all share them, "
-        f"no pinning), load average {load:.2f}; {TOKENS_PER_REQUEST} tokens/request; load generators: "
-        f"python-asyncio{' and wrk' if wrk else ' (wrk not installed)'}"
-    )
-    before = in_process_tokens_per_s(args.threads)
     port = free_port()
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "router.yaml"
         config_file.write_text(RuntimeFileConfig.model_validate(server_config()).to_yaml())
         server = subprocess.Popen(
             [sys.executable, "-m", "router_runtime", "serve", "--config", str(config_file), "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
+             "--port", str(port), "--log-level", "warning", "--workers", str(workers)],
+            env=os.environ | {"TMPDIR": tmp},
         )  # fmt: skip
-        results: list[dict[str, Any]] = []
         try:
-            wait_ready(f"http://127.0.0.1:{port}", timeout=60)
+            wait_ready(f"http://127.0.0.1:{port}", timeout=120)
+            if workers > 1:
+                # Connections go to whichever worker accepts: wait for all of them (each creates its
+                # metrics file just before it starts listening), or the first would get every connection.
+                deadline = time.monotonic() + 120
+                while len(list(Path(tmp).glob("moe-router-metrics-*/gauge_livesum_*.db"))) < workers:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"not all {workers} workers started")
+                    time.sleep(0.2)
+                time.sleep(1.0)
+            run_loadgen(port, "binary", 1.0, concurrency=16)  # warm-up: first batches, allocator, caches
             pid = server.pid
             for mode in args.modes:
+                label = {"mode": mode, "workers": workers}
                 saturated = [
                     measured(pid, functools.partial(run_loadgen, port, mode, args.duration, concurrency=c))
-                    | {"mode": mode, "phase": "saturation"}
+                    | label | {"phase": "saturation"}
                     for c in args.concurrency
-                ]
+                ]  # fmt: skip
                 if mode == "binary" and wrk:
                     saturated += [
                         measured(pid, functools.partial(run_wrk, wrk, port, args.duration, c))
-                        | {"mode": mode, "phase": "saturation"}
+                        | label | {"phase": "saturation"}
                         for c in args.concurrency
-                    ]
+                    ]  # fmt: skip
                 results += saturated
                 best = max(saturated, key=lambda r: r["req_per_s"])
                 half = measured(
                     pid, functools.partial(run_loadgen, port, mode, args.duration, rate=best["req_per_s"] / 2)
                 )
-                results.append(half | {"mode": mode, "phase": "half saturation"})
+                results.append(half | label | {"phase": "half saturation"})
         finally:
             server.terminate()
-            server.wait(timeout=30)
+            server.wait(timeout=60)
+    return results
+
+
+def bench(args: argparse.Namespace) -> int:
+    load = os.getloadavg()[0]
+    wrk = None if args.no_wrk else shutil.which("wrk")
+    print(
+        f"machine: {os.cpu_count()} cores (server, load generator and in-process reference all share them, "
+        f"no pinning), load average {load:.2f}; {TOKENS_PER_REQUEST} tokens/request; load generators: "
+        f"python-asyncio{' and wrk' if wrk else (' (wrk skipped)' if args.no_wrk else ' (wrk not installed)')}"
+    )
+    before = in_process_tokens_per_s(args.threads)
+    results: list[dict[str, Any]] = []
+    for workers in args.workers:
+        results += serve_and_measure(args, workers, wrk)
     # The faster of two in-process measurements (before and after the load), so the ratio is not flattered.
     reference = max(before, in_process_tokens_per_s(args.threads))
     print(f"in-process DynamicRouter.route, T=8192, {args.threads} threads: {reference / 1e6:.3f} M tokens/s (best)")
     columns = ("conc/rate", "req/s", "Mtok/s", "p50 ms", "p99 ms", "errors", "srv ms/r", "loop ms/r", "gen ms/r")
-    print(f"{'mode':<7} {'phase':<16} {'generator':<15}" + " ".join(f"{c:>9}" for c in columns))
+    print(f"{'mode':<7} {'proc':>4} {'phase':<16} {'generator':<15}" + " ".join(f"{c:>9}" for c in columns))
     for r in results:
         load_label = f"c={r['concurrency']}" if "concurrency" in r else f"{r['rate']:.0f}/s"
         print(
-            f"{r['mode']:<7} {r['phase']:<16} {r['generator']:<15}{load_label:>9} {r['req_per_s']:>9.1f} "
+            f"{r['mode']:<7} {r['workers']:>4} {r['phase']:<16} {r['generator']:<15}{load_label:>9} "
+            f"{r['req_per_s']:>9.1f} "
             f"{r['tokens_per_s'] / 1e6:>9.3f} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['errors']:>9} "
             f"{r['server_cpu_ms_per_request']:>9.3f} {r['event_loop_cpu_ms_per_request']:>9.3f} "
             f"{r['generator_cpu_ms_per_request']:>9.3f}"
         )
-    print("srv/loop/gen ms/r: CPU per request of the whole server, of its event-loop thread, of the load generator")
-    binary = [r for r in results if r["mode"] == "binary"]
-    if binary:
-        best_binary = max(binary, key=lambda r: r["tokens_per_s"])
-        print(f"binary saturation / in-process: {best_binary['tokens_per_s'] / reference:.1%}")
+    print(
+        "proc: server worker processes; srv/loop/gen ms/r: CPU per request of the whole server (all processes), "
+        "of its event-loop threads, of the load generator"
+    )
+    for workers in args.workers:
+        binary = [r for r in results if r["mode"] == "binary" and r["workers"] == workers]
+        if binary:
+            best_binary = max(binary, key=lambda r: r["tokens_per_s"])
+            print(
+                f"binary saturation / in-process, {workers} worker(s): {best_binary['tokens_per_s'] / reference:.1%} "
+                f"({best_binary['generator']}, {best_binary.get('concurrency')} connections)"
+            )
     if args.json:
         args.json.write_text(json.dumps({"in_process_tokens_per_s": reference, "results": results}, indent=2))
     return 0
@@ -357,6 +401,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process reference")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="server processes (moe-router serve --workers)"
+    )
     parser.add_argument("--modes", nargs="+", choices=["binary", "json"], default=["binary", "json"])
     parser.add_argument("--no-wrk", action="store_true", help="skip wrk even when it is installed")
     parser.add_argument("--json", type=Path)

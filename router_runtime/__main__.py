@@ -20,7 +20,8 @@ def _serve(args: argparse.Namespace) -> int:
     # Idle OpenMP workers must sleep, not spin: between small batches spinning threads starve the event
     # loop (measured: 3x less server CPU per request). Read once when torch loads, so set it first.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from router_runtime.server import resolve_api_key, serve
+    from router_runtime.process import cgroup_cpu_limit, resolve_api_key, resolve_workers, threads_per_worker
+    from router_runtime.workers import serve_workers
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -31,6 +32,19 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.config is None and not os.environ.get(CONFIG_PATH_ENV):
         logging.getLogger("router_runtime").info("no config file given: serving the embedded defaults")
+    cpu_limit, cpu_count = cgroup_cpu_limit(), os.cpu_count() or 1
+    setting = args.workers if args.workers is not None else config.server.workers
+    workers = resolve_workers(setting, cpu_limit, cpu_count)
+    if workers > 1:
+        # The supervisor never imports torch: each spawned worker sets its own thread count first.
+        threads = threads_per_worker(workers, cpu_limit, cpu_count)
+        try:
+            return serve_workers(config, workers, threads, api_key, args.host, args.port, args.log_level)
+        except OSError as exc:  # the port is taken or the address is not ours
+            print(f"moe-router serve: cannot listen: {exc}", file=sys.stderr)
+            return 1
+    from router_runtime.server import serve
+
     return serve(config, api_key=api_key, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -39,7 +53,7 @@ def _route(args: argparse.Namespace) -> int:
     import numpy as np
 
     from router_runtime.client import RouterClientError, model_metadata, route
-    from router_runtime.server import resolve_api_key
+    from router_runtime.process import resolve_api_key
 
     api_key = args.api_key or resolve_api_key()
     try:
@@ -58,6 +72,16 @@ def _route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--workers must be an integer, got {text!r}") from None
+    if not 0 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"--workers must be between 0 (the CPU limit) and 256, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-router", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help=f"router.yaml (default: ${CONFIG_PATH_ENV}, else embedded defaults)")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        help="override server.workers: server processes on the port (0 = the CPU limit)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(handler=_serve)
     send = commands.add_parser("route", help="route random tokens through a server and print statistics")

@@ -1,26 +1,34 @@
 """Dynamic batching across concurrent requests, with a bounded queue for back-pressure.
 
-Requests wait at most ``max_delay`` for others to join them, batches hold at most ``max_batch_tokens``
-tokens (a bigger single request runs alone), and the routing runs on one worker thread so the event
-loop keeps accepting connections. When the queue is full ``submit`` raises ``Overloaded`` at once:
-the server answers 503 with ``Retry-After`` instead of letting memory and latency grow without bound.
+A request waits at most ``max_delay`` after it arrives for others to join it (under load the worker is
+busy anyway and the next batch goes as soon as it is free), batches hold at most ``max_batch_tokens``
+tokens (a bigger single request runs alone), and the routing runs on one worker thread so the event loop
+keeps accepting connections. When the queue is full ``submit`` raises ``Overloaded`` at once: the server
+answers 503 with ``Retry-After`` instead of letting memory and latency grow without bound.
+
+The event-loop side is kept cheap because it runs once per request: a deque and one future per request,
+no task or ``wait_for`` per request, one executor hand-off per batch. Per-request checks that read the
+whole tensor (``validate``) run on the worker thread right after the request is copied into the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
 
 Result = TypeVar("Result")
 
-#: ``process(tokens [N, d], sizes)`` routes a concatenated batch and returns one result per request.
+#: ``process(tokens [N, d], sizes)`` routes a concatenated batch and returns one result per request; it must
+#: not keep ``tokens`` after returning (the buffer is reused for the next batch).
 BatchProcessor = Callable[[np.ndarray, Sequence[int]], Sequence[Result]]
+#: ``validate(tokens [T, d])`` of one request on the worker thread: the exception to fail it with, or None.
+Validator = Callable[[np.ndarray], Exception | None]
 
 
 class Overloaded(Exception):
@@ -35,10 +43,13 @@ class Stopped(Exception):
     """The batcher is shutting down and takes no new work."""
 
 
-@dataclass
 class _Pending(Generic[Result]):
-    tokens: np.ndarray
-    future: asyncio.Future[Result]
+    __slots__ = ("arrived", "future", "tokens")
+
+    def __init__(self, tokens: np.ndarray, future: asyncio.Future[Result], arrived: float) -> None:
+        self.tokens = tokens
+        self.future = future
+        self.arrived = arrived
 
 
 class DynamicBatcher(Generic[Result]):
@@ -51,23 +62,29 @@ class DynamicBatcher(Generic[Result]):
         max_batch_tokens: int,
         max_delay_s: float,
         max_queue_requests: int,
+        validate: Validator | None = None,
     ) -> None:
         if max_batch_tokens < 1 or max_queue_requests < 1 or max_delay_s < 0:
             raise ValueError("max_batch_tokens and max_queue_requests must be >= 1 and max_delay_s >= 0")
         self._process = process
+        self._validate = validate
         self.max_batch_tokens = max_batch_tokens
         self.max_delay_s = max_delay_s
         self.max_queue_requests = max_queue_requests
-        self._queue: asyncio.Queue[_Pending[Result]] | None = None
-        self._carry: _Pending[Result] | None = None
+        self._pending: deque[_Pending[Result]] = deque()
+        self._pending_tokens = 0
+        self._wakeup: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
         self._idle = asyncio.Event()
+        self._slab: np.ndarray | None = None
 
     @property
     def queued(self) -> int:
-        return (self._queue.qsize() if self._queue else 0) + (1 if self._carry else 0)
+        """Requests waiting for a batch (not counting the batch being routed)."""
+        return len(self._pending)
 
     @property
     def running(self) -> bool:
@@ -77,28 +94,34 @@ class DynamicBatcher(Generic[Result]):
         """Start the worker on the running event loop."""
         if self.running:
             return
-        self._queue = asyncio.Queue(maxsize=self.max_queue_requests)
+        self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-router")
         self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="moe-router-batcher")
+        self._worker = self._loop.create_task(self._run(), name="moe-router-batcher")
 
     async def submit(self, tokens: np.ndarray) -> Result:
         """Queue ``tokens [T, d]`` and wait for its result; ``Overloaded`` when the queue is full."""
-        if self._stopping or self._queue is None:
+        loop = self._loop
+        if self._stopping or loop is None or not self.running:
             raise Stopped("the router is shutting down")
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(_Pending(tokens, future))
-        except asyncio.QueueFull:
-            raise Overloaded(self.queued) from None
+        if len(self._pending) >= self.max_queue_requests:
+            raise Overloaded(len(self._pending))
+        future: asyncio.Future[Result] = loop.create_future()
+        self._pending.append(_Pending(tokens, future, loop.time()))
+        self._pending_tokens += tokens.shape[0]
         self._idle.clear()
+        # Waking the batcher is only news when it sleeps with nothing queued or the batch just filled up;
+        # otherwise its deadline timer (or the end of the running batch) brings it back anyway.
+        if len(self._pending) == 1 or self._pending_tokens >= self.max_batch_tokens:
+            self._wake()
         return await future
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new work, let queued requests finish for up to ``grace_s`` seconds, then stop."""
         self._stopping = True
+        self._wake()
         if self.running:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace_s)
@@ -110,64 +133,110 @@ class DynamicBatcher(Generic[Result]):
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _sleep_until_woken(self, seconds: float | None) -> None:
+        """Wait for a new request (or ``stop``), at most ``seconds``: one future and one timer, no task."""
+        assert self._loop is not None
+        wakeup = self._wakeup = self._loop.create_future()
+        timer = self._loop.call_later(seconds, self._wake) if seconds is not None else None
+        try:
+            await wakeup
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
+
     def _fail_queued(self, error: Exception) -> None:
-        pending = [self._carry] if self._carry else []
-        self._carry = None
-        while self._queue is not None and not self._queue.empty():
-            pending.append(self._queue.get_nowait())
-        for item in pending:
+        while self._pending:
+            item = self._pending.popleft()
             if not item.future.done():
                 item.future.set_exception(error)
+        self._pending_tokens = 0
 
-    async def _next_batch(self) -> list[_Pending[Result]]:
-        assert self._queue is not None
-        first = self._carry if self._carry is not None else await self._queue.get()
-        self._carry = None
-        batch, tokens = [first], first.tokens.shape[0]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_delay_s
-        while tokens < self.max_batch_tokens:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            if tokens + item.tokens.shape[0] > self.max_batch_tokens:
-                self._carry = item
-                break
-            batch.append(item)
+    def _take_batch(self) -> list[_Pending[Result]]:
+        """Pop the oldest requests up to ``max_batch_tokens`` (the first one whatever its size)."""
+        pending = self._pending
+        batch = [pending.popleft()]
+        tokens = batch[0].tokens.shape[0]
+        while pending and tokens + pending[0].tokens.shape[0] <= self.max_batch_tokens:
+            item = pending.popleft()
             tokens += item.tokens.shape[0]
+            batch.append(item)
+        self._pending_tokens -= tokens
         return [item for item in batch if not item.future.done()]
 
-    def _concatenate_and_process(self, arrays: list[np.ndarray], sizes: list[int]) -> Sequence[Result]:
-        tokens = np.concatenate(arrays, axis=0)  # also a writable copy of read-only request buffers
-        return self._process(tokens, sizes)
+    def _concatenate_and_process(self, arrays: list[np.ndarray]) -> tuple[Sequence[Result], dict[int, Exception]]:
+        """On the worker thread: copy the requests into one batch, validate each, route the valid ones.
+
+        Returns the results of the valid requests in order and the rejected ones by index. Each request
+        is validated right after its copy, while its rows are still in cache: on the event loop the same
+        check would read megabytes fresh from memory that the socket read had just written there.
+        """
+        validate = self._validate
+        rejected: dict[int, Exception] = {}
+        first = arrays[0]
+        if len(arrays) == 1 and first.flags.writeable and first.flags.c_contiguous:
+            error = validate(first) if validate is not None else None
+            if error is not None:
+                return [], {0: error}
+            return self._process(first, [first.shape[0]]), rejected
+        # Into one reused buffer: a fresh multi-megabyte array per batch costs page faults and zeroing.
+        rows = sum(array.shape[0] for array in arrays)
+        shape = (rows, *first.shape[1:])
+        slab = self._slab
+        if slab is None or slab.dtype != first.dtype or slab.shape[1:] != shape[1:] or slab.shape[0] < rows:
+            slab = np.empty((max(rows, self.max_batch_tokens), *shape[1:]), dtype=first.dtype)
+            self._slab = slab
+        sizes: list[int] = []
+        end = 0
+        for index, array in enumerate(arrays):
+            part = slab[end : end + array.shape[0]]
+            np.copyto(part, array)
+            error = validate(part) if validate is not None else None
+            if error is None:
+                end += array.shape[0]
+                sizes.append(array.shape[0])
+            else:  # left out: the next request's rows overwrite it
+                rejected[index] = error
+        if not sizes:
+            return [], rejected
+        return self._process(slab[:end], sizes), rejected
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
+            if not self._pending:
+                self._idle.set()
+                await self._sleep_until_woken(None)
+                continue
+            deadline = self._pending[0].arrived + self.max_delay_s
+            while self._pending_tokens < self.max_batch_tokens and not self._stopping:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await self._sleep_until_woken(remaining)
+            batch = self._take_batch()
             if not batch:
-                if self._carry is None and self._queue is not None and self._queue.empty():
-                    self._idle.set()
                 continue
             try:
-                sizes = [item.tokens.shape[0] for item in batch]
                 arrays = [item.tokens for item in batch]
-                # Concatenating megabytes is done on the worker thread, not on the event loop.
-                results = await loop.run_in_executor(self._executor, self._concatenate_and_process, arrays, sizes)
+                results, rejected = await loop.run_in_executor(self._executor, self._concatenate_and_process, arrays)
             except Exception as exc:  # a routing failure fails this batch's requests, not the worker
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
             else:
-                for item, result in zip(batch, results, strict=True):
-                    if not item.future.done():
-                        item.future.set_result(result)
-            if self._carry is None and self._queue is not None and self._queue.empty():
-                self._idle.set()
+                routed = iter(results)
+                for index, item in enumerate(batch):
+                    outcome = rejected.get(index)
+                    if item.future.done():
+                        if outcome is None:
+                            next(routed)
+                    elif outcome is not None:
+                        item.future.set_exception(outcome)
+                    else:
+                        item.future.set_result(next(routed))

@@ -84,7 +84,7 @@ def parse_header_length(value: str | None, body_size: int) -> int | None:
     return length
 
 
-def _json_object(raw: bytes) -> dict[str, Any]:
+def _json_object(raw: bytes | bytearray) -> dict[str, Any]:
     try:
         document = json.loads(raw)
     except UnicodeDecodeError as exc:
@@ -140,17 +140,23 @@ def _json_data(data: Any, count: int, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def decode_infer_request(
-    body: bytes,
+    body: bytes | bytearray | memoryview,
     header_length: int | None,
     *,
     input_dim: int,
     max_tokens: int,
     known_outputs: Sequence[str],
+    check_finite: bool = True,
 ) -> InferRequest:
-    """Decode a JSON or binary-extension request into ``tokens [T, d]`` float32 and output choices."""
+    """Decode a JSON or binary-extension request into ``tokens [T, d]`` float32 and output choices.
+
+    ``check_finite=False`` leaves the NaN/Inf check (``non_finite_error``) to the caller, e.g. for a
+    server that runs it where the tensor is already in cache.
+    """
     _require(len(body) > 0, "empty request body: expected an inference request JSON object")
     header = body if header_length is None else body[:header_length]
-    document = _json_object(header)
+    # json.loads takes bytes, not a memoryview; the header is small (the tensor stays where it is).
+    document = _json_object(header.tobytes() if isinstance(header, memoryview) else header)
     request_params = _parameters(document, "request")
     inputs = document.get("inputs")
     _require(isinstance(inputs, list) and len(inputs) > 0, "the request needs a non-empty 'inputs' list")
@@ -201,13 +207,22 @@ def decode_infer_request(
     else:
         _require("data" in tensor, f"input {INPUT_NAME!r} needs 'data' (or binary_data_size with the binary extension)")
         array = _json_data(tensor["data"], count, shape)
-    # min/max propagate NaN and expose +-Inf without allocating a mask the size of the tensor.
-    finite = math.isfinite(float(array.min())) and math.isfinite(float(array.max()))
-    _require(finite, f"input {INPUT_NAME!r} contains NaN or Inf")
+    if check_finite:
+        error = non_finite_error(array)
+        if error is not None:
+            raise error
     outputs, binary = _requested_outputs(document, request_params, known_outputs)
     request_id = document.get("id")
     _require(request_id is None or isinstance(request_id, str), "'id' must be a string")
     return InferRequest(tokens=array, shape=shape, request_id=request_id, outputs=outputs, binary_outputs=binary)
+
+
+def non_finite_error(tokens: np.ndarray) -> ProtocolError | None:
+    """The 400 for a tensor holding NaN or Inf, else None."""
+    # min/max propagate NaN and expose +-Inf without allocating a mask the size of the tensor.
+    if math.isfinite(float(tokens.min())) and math.isfinite(float(tokens.max())):
+        return None
+    return ProtocolError(400, f"input {INPUT_NAME!r} contains NaN or Inf")
 
 
 def _requested_outputs(

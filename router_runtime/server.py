@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import hmac
+import json
 import logging
-import math
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -32,8 +33,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router_runtime import __version__
 from router_runtime.batching import DynamicBatcher, Overloaded, Stopped
-from router_runtime.config import API_KEY_ENV, API_KEY_FILE_ENV, RuntimeFileConfig
+from router_runtime.config import RuntimeFileConfig
 from router_runtime.metrics import CONTENT_TYPE, RuntimeMetrics
+from router_runtime.process import cgroup_cpu_limit as cgroup_cpu_limit
+from router_runtime.process import resolve_api_key as resolve_api_key
 from router_runtime.protocol import (
     HEADER_LENGTH,
     INPUT_NAME,
@@ -44,9 +47,11 @@ from router_runtime.protocol import (
     ProtocolError,
     decode_infer_request,
     encode_infer_response,
+    non_finite_error,
     parse_header_length,
 )
 from router_runtime.router import DynamicRouter
+from router_runtime.transport import BODY_EXTENSION, BodyIncomplete, DirectBody, direct_body_protocol, infer_model_name
 
 log = logging.getLogger(__name__)
 
@@ -77,31 +82,13 @@ class RuntimeState:
         return self.started and not self.draining
 
 
-def resolve_api_key(environ: dict[str, str] | None = None) -> str | None:
-    """The API key from ``MOE_ROUTER_API_KEY`` or the file named by ``MOE_ROUTER_API_KEY_FILE``."""
-    env = os.environ if environ is None else environ
-    key = env.get(API_KEY_ENV, "").strip()
-    if key:
-        return key
-    key_file = env.get(API_KEY_FILE_ENV, "").strip()
-    if key_file:
-        try:
-            key = Path(key_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(f"{API_KEY_FILE_ENV}={key_file} cannot be read: {exc}") from exc
-        if not key:
-            raise ValueError(f"{API_KEY_FILE_ENV}={key_file} is empty")
-        return key
-    return None
-
-
-def _presented_key(request: Request) -> str | None:
-    authorization = request.headers.get("authorization")
+def _presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
+    """The key sent as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
     if authorization:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
-    return request.headers.get("x-api-key")
+    return x_api_key
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -171,42 +158,55 @@ _INFER_OK = {
 }
 #: JSON bodies above this size are decoded off the event loop so other requests keep moving.
 _OFFLOAD_JSON_BYTES = 256 * 1024
+_HEADER_LENGTH_BYTES = HEADER_LENGTH.lower().encode()
 
-
-_INFER_PREFIX = "/v2/models/"
-_INFER_SUFFIX = "/infer"
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: (status, body, headers) of an inference answer, sent as two raw ASGI messages.
+RawResponse = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
 
 class InferFastPath:
     """ASGI middleware: ``POST /v2/models/{name}/infer`` goes straight to the inference handler.
 
-    FastAPI's routing, dependency solving and per-route exception/exit-stack wrappers cost a few
-    hundred microseconds of event-loop time per request, which is most of the server's CPU for a
-    256-token binary request; the handler validates everything itself and turns every failure into a
-    response, so it needs none of them. Everything else (and any path the simple match is unsure of,
-    such as a mounted ``root_path``) goes through the FastAPI app unchanged, which still documents
-    the endpoint in the OpenAPI document.
+    FastAPI's routing, dependency solving, per-route exception/exit-stack wrappers and Starlette's
+    Request/Response objects cost a few hundred microseconds of event-loop time per request, which is
+    most of the server's CPU for a 256-token binary request; the handler validates everything itself
+    and turns every failure into a response, so it needs none of them. Everything else (and any path
+    the simple match is unsure of, such as a mounted ``root_path``) goes through the FastAPI app
+    unchanged, which still documents the endpoint in the OpenAPI document.
     """
 
-    def __init__(self, app: ASGIApp, handler: Callable[[str, Request], Awaitable[Response]]) -> None:
+    def __init__(self, app: ASGIApp, handler: Callable[[str, Scope, Receive], Awaitable[RawResponse]]) -> None:
         self.app = app
         self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            path: str = scope["path"]
-            if path.startswith(_INFER_PREFIX) and path.endswith(_INFER_SUFFIX):
-                name = path[len(_INFER_PREFIX) : -len(_INFER_SUFFIX)]
-                if name and "/" not in name:
-                    response = await self.handler(name, Request(scope, receive))
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        name = infer_model_name(scope) if scope["type"] == "http" else None
+        if name is None:
+            await self.app(scope, receive, send)
+            return
+        status, body, headers = await self.handler(name, scope, receive)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _raw_error(status: int, message: str, headers: dict[str, str] | None = None) -> RawResponse:
+    body = json.dumps({"error": message}, ensure_ascii=False, separators=(",", ":")).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    return status, body, raw
+
+
+#: Request headers the inference handler reads; the rest of the list is skipped unseen.
+_INFER_HEADERS = frozenset({b"authorization", b"x-api-key", b"content-length", HEADER_LENGTH.lower().encode()})
+
+
+def _infer_headers(scope: Scope) -> dict[bytes, bytes]:
+    return {name: value for name, value in scope["headers"] if name in _INFER_HEADERS}
 
 
 def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: DynamicRouter | None = None) -> FastAPI:
@@ -215,7 +215,9 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
     server_config = config.server
     model = router if router is not None else DynamicRouter(router_config)
     state = RuntimeState()
-    metrics = RuntimeMetrics(model.cumulative.snapshot)
+    metrics = RuntimeMetrics(
+        model.cumulative.snapshot, num_experts=router_config.num_experts, max_experts=router_config.max_experts
+    )
     known_outputs: tuple[str, ...] = (OUTPUT_INDICES, OUTPUT_WEIGHTS, OUTPUT_COUNTS)
     if router_config.experts.enabled:
         known_outputs += (OUTPUT_MOE,)
@@ -227,14 +229,17 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
         indices = result.indices.numpy()
         weights = result.weights.numpy()
         k = result.k.numpy()
-        mass = result.selected_mass.numpy()
         output = result.output.numpy() if result.output is not None else None
-        metrics.batch_tokens.observe(tokens.shape[0])
-        metrics.tokens.inc(tokens.shape[0])
+        batch = tokens.shape[0]
+        metrics.observe_batch(batch, result.stats)
+        # Per-request means in one vectorised pass over the batch, not two numpy calls per request.
+        bounds = np.cumsum([0, *sizes])
+        starts = bounds[:-1]
+        lengths = np.asarray(sizes, dtype=np.float64)
+        mean_k = (np.add.reduceat(k, starts) / lengths).tolist()
+        mass = (np.add.reduceat(result.selected_mass.numpy(), starts, dtype=np.float64) / lengths).tolist()
         slices: list[RoutedSlice] = []
-        start = 0
-        for size in sizes:
-            end = start + size
+        for index, (start, end) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
             outputs = {
                 OUTPUT_INDICES: indices[start:end],
                 OUTPUT_WEIGHTS: weights[start:end],
@@ -242,17 +247,15 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
             }
             if output is not None:
                 outputs[OUTPUT_MOE] = output[start:end]
-            mean_k = float(k[start:end].mean())
             slices.append(
                 RoutedSlice(
                     outputs=outputs,
-                    mean_k=mean_k,
-                    dropped_mass=max(0.0, 1.0 - float(mass[start:end].mean())),
-                    flops_ratio=mean_k / router_config.max_experts,
-                    batch_tokens=tokens.shape[0],
+                    mean_k=mean_k[index],
+                    dropped_mass=max(0.0, 1.0 - mass[index]),
+                    flops_ratio=mean_k[index] / router_config.max_experts,
+                    batch_tokens=batch,
                 )
             )
-            start = end
         return slices
 
     batching = server_config.batching
@@ -261,6 +264,8 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
         max_batch_tokens=batching.max_batch_tokens,
         max_delay_s=batching.max_delay_ms / 1000.0,
         max_queue_requests=batching.max_queue_requests,
+        # On the worker, right after the copy into the batch, where the tensor is in cache (see batching).
+        validate=non_finite_error,
     )
 
     @asynccontextmanager
@@ -301,10 +306,10 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return _error(400, "; ".join(str(error.get("msg", error)) for error in exc.errors()))
 
-    def authorized(request: Request) -> bool:
+    def authorized(authorization: str | None, x_api_key: str | None) -> bool:
         if expected_key is None:
             return True
-        presented = _presented_key(request)
+        presented = _presented_key(authorization, x_api_key)
         return presented is not None and hmac.compare_digest(presented.encode(), expected_key)
 
     def unauthorized() -> Response:
@@ -353,7 +358,7 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
         responses={200: _json_response("Model metadata.", _STATUS_SCHEMA), 401: _ERRORS[401], 404: _ERRORS[404]},
     )
     async def model_metadata(model_name: str, request: Request) -> Response:
-        if not authorized(request):
+        if not authorized(request.headers.get("authorization"), request.headers.get("x-api-key")):
             return unauthorized()
         if model_name != router_config.model_name:
             return unknown_model(model_name)
@@ -398,30 +403,53 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    async def read_body(request: Request) -> bytes:
-        limit = server_config.max_body_bytes
-        declared = request.headers.get("content-length")
+    limit = server_config.max_body_bytes
+    unauthorized_answer = _raw_error(
+        401,
+        "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+        {"WWW-Authenticate": "Bearer"},
+    )
+    ok_requests = metrics.requests.labels("200")
+
+    async def read_body(scope: Scope, receive: Receive, declared: bytes | None) -> bytes | memoryview:
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ProtocolError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+            raise ProtocolError(413, f"request body of {declared.decode()} bytes is over the limit of {limit} bytes")
+        direct: DirectBody | None = scope.get("extensions", {}).get(BODY_EXTENSION)
+        if direct is not None:  # received by the transport straight into one buffer (released by the caller)
+            return await direct.wait()
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise BodyIncomplete(f"client disconnected after {size} bytes")
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise ProtocolError(413, f"request body is over the limit of {limit} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def infer_response(model_name: str, request: Request) -> Response:
-        if not authorized(request):
-            metrics.errors.labels("unauthorized").inc()
-            return unauthorized()
+    async def infer_response(model_name: str, scope: Scope, receive: Receive) -> RawResponse:
+        headers = _infer_headers(scope)
+        if expected_key is not None:
+            authorization, x_api_key = headers.get(b"authorization"), headers.get(b"x-api-key")
+            if not authorized(
+                authorization.decode("latin-1") if authorization is not None else None,
+                x_api_key.decode("latin-1") if x_api_key is not None else None,
+            ):
+                metrics.errors.labels("unauthorized").inc()
+                return unauthorized_answer
         if model_name != router_config.model_name:
             metrics.errors.labels("unknown_model").inc()
-            return unknown_model(model_name)
+            return _raw_error(404, f"unknown model {model_name!r}; this server serves {router_config.model_name!r}")
+        direct: DirectBody | None = scope.get("extensions", {}).get(BODY_EXTENSION)
+        reusable = True
         try:
-            body = await read_body(request)
-            header_length = parse_header_length(request.headers.get(HEADER_LENGTH.lower()), len(body))
+            body = await read_body(scope, receive, headers.get(b"content-length"))
+            raw_length = headers.get(HEADER_LENGTH.lower().encode())
+            header_length = parse_header_length(raw_length.decode("latin-1") if raw_length else None, len(body))
             decode = functools.partial(
                 decode_infer_request,
                 body,
@@ -429,19 +457,29 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
                 input_dim=router_config.input_dim,
                 max_tokens=server_config.max_request_tokens,
                 known_outputs=known_outputs,
+                check_finite=False,  # the batcher's validate does it
             )
             offload = header_length is None and len(body) > _OFFLOAD_JSON_BYTES
             decoded = await asyncio.to_thread(decode) if offload else decode()
             routed = await batcher.submit(decoded.tokens)
         except ProtocolError as exc:
             metrics.errors.labels("too_large" if exc.status == 413 else "bad_request").inc()
-            return _error(exc.status, exc.message)
+            return _raw_error(exc.status, exc.message)
         except Overloaded as exc:
             metrics.errors.labels("overloaded").inc()
-            return _error(503, str(exc), {"Retry-After": str(exc.retry_after)})
+            return _raw_error(503, str(exc), {"Retry-After": str(exc.retry_after)})
         except Stopped as exc:
             metrics.errors.labels("shutting_down").inc()
-            return _error(503, str(exc), {"Retry-After": "1"})
+            return _raw_error(503, str(exc), {"Retry-After": "1"})
+        except BodyIncomplete as exc:  # nobody is left to read the answer
+            metrics.errors.labels("bad_request").inc()
+            return _raw_error(400, f"truncated request body: {exc}")
+        except asyncio.CancelledError:
+            reusable = False  # the worker may still be copying this body
+            raise
+        finally:
+            if direct is not None and reusable:
+                direct.release()  # the batch holding it has been copied (or it was never queued)
         lead = decoded.shape[:-1]
         outputs = {}
         for name in decoded.outputs:
@@ -460,8 +498,28 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
                 "batch_tokens": routed.batch_tokens,
             },
         )
-        headers = {} if encoded.json_header_length is None else {HEADER_LENGTH: str(encoded.json_header_length)}
-        return Response(encoded.body, media_type=encoded.content_type, headers=headers)
+        raw_headers = [
+            (b"content-type", encoded.content_type.encode()),
+            (b"content-length", str(len(encoded.body)).encode()),
+        ]
+        if encoded.json_header_length is not None:
+            raw_headers.append((_HEADER_LENGTH_BYTES, str(encoded.json_header_length).encode()))
+        return 200, encoded.body, raw_headers
+
+    async def infer_raw(model_name: str, scope: Scope, receive: Receive) -> RawResponse:
+        started = time.perf_counter()
+        metrics.inflight.inc()
+        try:
+            response = await infer_response(model_name, scope, receive)
+        except Exception:
+            log.exception("inference failed")
+            metrics.errors.labels("internal").inc()
+            response = _raw_error(500, "internal error while routing; see the server log")
+        finally:
+            metrics.inflight.dec()
+        (ok_requests if response[0] == 200 else metrics.requests.labels(str(response[0]))).inc()
+        metrics.request_duration.observe(time.perf_counter() - started)
+        return response
 
     @app.post(
         "/v2/models/{model_name}/infer",
@@ -477,40 +535,16 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
         },
     )
     async def infer(model_name: str, request: Request) -> Response:
-        started = time.perf_counter()
-        metrics.inflight.inc()
-        try:
-            response = await infer_response(model_name, request)
-        except Exception:
-            log.exception("inference failed")
-            metrics.errors.labels("internal").inc()
-            response = _error(500, "internal error while routing; see the server log")
-        finally:
-            metrics.inflight.dec()
-        metrics.requests.labels(str(response.status_code)).inc()
-        metrics.request_duration.observe(time.perf_counter() - started)
+        """The documented route; requests normally reach ``infer_raw`` through ``InferFastPath`` instead."""
+        status, body, headers = await infer_raw(model_name, request.scope, request.receive)
+        response = Response(body, status_code=status)
+        response.raw_headers = headers
         return response
 
-    app.add_middleware(InferFastPath, handler=infer)
+    # Inside FastAPI too, so an embedding app (without ``uvicorn_config``) still skips the routing machinery.
+    app.add_middleware(InferFastPath, handler=infer_raw)
+    app.state.infer_raw = infer_raw
     return app
-
-
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """CPUs the container may use (cgroup v2 ``cpu.max`` or v1 CFS quota), rounded up; None when unlimited."""
-    try:
-        if (root / "cpu.max").is_file():
-            quota, period = (root / "cpu.max").read_text().split()[:2]
-            if quota == "max":
-                return None
-            return max(1, math.ceil(int(quota) / int(period)))
-        v1_quota = root / "cpu" / "cpu.cfs_quota_us"
-        if v1_quota.is_file():
-            quota_us = int(v1_quota.read_text())
-            period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-            return None if quota_us <= 0 else max(1, math.ceil(quota_us / period_us))
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def fit_threads_to_cpu_limit() -> None:
@@ -545,25 +579,41 @@ class _DrainingServer(uvicorn.Server):
             captured.pop()
 
 
+def uvicorn_config(
+    app: FastAPI, config: RuntimeFileConfig, host: str | None = None, port: int | None = None, log_level: str = "info"
+) -> uvicorn.Config:
+    """uvicorn settings for ``app``: the direct-body HTTP protocol, no access log, the configured grace."""
+    grace = config.server.shutdown_grace_seconds
+    # The fast path in front of FastAPI itself: Starlette's middleware stack (error middleware wrapping
+    # every send) and uvicorn's proxy-headers middleware are Python layers per request the router needs
+    # none of (it logs no client addresses).
+    return uvicorn.Config(
+        InferFastPath(app, handler=app.state.infer_raw),
+        proxy_headers=False,
+        server_header=False,
+        host=host if host is not None else config.server.host,
+        port=port if port is not None else config.server.port,
+        http=direct_body_protocol(config.server.max_body_bytes),  # type: ignore[arg-type]  # a BufferedProtocol
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(grace)) if grace > 0 else None,
+    )
+
+
 def serve(
     config: RuntimeFileConfig,
     api_key: str | None = None,
     host: str | None = None,
     port: int | None = None,
     log_level: str = "info",
+    sockets: list[socket.socket] | None = None,
 ) -> int:
-    """Serve ``config`` with uvicorn on ``host:port`` (defaults from ``config.server``) until SIGTERM."""
+    """Serve ``config`` with uvicorn on ``host:port`` (or ``sockets``) until SIGTERM; one process."""
     fit_threads_to_cpu_limit()
     app = create_app(config, api_key=api_key)
-    grace = config.server.shutdown_grace_seconds
-    uvicorn_config = uvicorn.Config(
-        app,
-        host=host if host is not None else config.server.host,
-        port=port if port is not None else config.server.port,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=max(1, int(grace)) if grace > 0 else None,
-    )
-    server = _DrainingServer(uvicorn_config, app.state.runtime)
-    server.run()
+    # Everything built so far lives until exit: keep the collector from walking it on every full pass.
+    gc.collect()
+    gc.freeze()
+    server = _DrainingServer(uvicorn_config(app, config, host, port, log_level), app.state.runtime)
+    server.run(sockets=sockets)
     return 0 if server.started else 1

@@ -1,4 +1,4 @@
-"""Run the real app on uvicorn in a background thread on a free loopback port."""
+"""Run the real app on uvicorn (as ``moe-router serve`` configures it) in a background thread on a free port."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from router_runtime.config import RuntimeFileConfig
 from router_runtime.router import DynamicRouter
-from router_runtime.server import create_app
+from router_runtime.server import create_app, uvicorn_config
 
 
 @contextmanager
@@ -25,7 +25,7 @@ def running_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

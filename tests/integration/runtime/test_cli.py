@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,19 @@ def test_serve_with_a_broken_config_exits_2(tmp_path: Path, capsys: pytest.Captu
     config.write_text("router:\n  maxExperts: 9\n")
     assert main(["serve", "--config", str(config)]) == 2
     assert "maxExperts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "257", "two"])
+def test_serve_rejects_a_bad_worker_count(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--workers", value])
+    assert "--workers must be" in capsys.readouterr().err
+
+
+def test_serve_with_workers_on_a_taken_port_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--workers", "2", "--host", "127.0.0.1", "--port", port]) == 1
+    assert "cannot listen" in capsys.readouterr().err

@@ -107,3 +107,55 @@ async def test_stop_lets_queued_work_finish_then_refuses_new_work() -> None:
     assert await pending == 4.0
     with pytest.raises(Stopped):
         await batcher.submit(rows(1))
+
+
+async def test_a_request_that_waited_behind_a_busy_worker_is_not_delayed_again() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+    batcher = DynamicBatcher(recorder, max_batch_tokens=100, max_delay_s=0.5, max_queue_requests=10)
+    await batcher.start()
+    busy = asyncio.ensure_future(batcher.submit(rows(1)))
+    await asyncio.sleep(0.6)  # the first request's own delay passed; the worker is now blocked on it
+    assert await asyncio.to_thread(recorder.entered.wait, 5)
+    waiting = asyncio.ensure_future(batcher.submit(rows(1)))
+    await asyncio.sleep(0.6)  # the second request waits its whole delay while the worker is busy
+    recorder.release.set()
+    loop = asyncio.get_running_loop()
+    freed = loop.time()
+    await busy
+    assert await waiting == 2.0
+    assert loop.time() - freed < 0.3  # routed as soon as the worker was free, not after another 0.5 s
+    await batcher.stop(1.0)
+
+
+async def test_consecutive_batches_of_different_sizes_keep_their_own_rows() -> None:
+    recorder = Recorder()
+    batcher = DynamicBatcher(recorder, max_batch_tokens=8, max_delay_s=0.01, max_queue_requests=10)
+    await batcher.start()
+    first = await asyncio.gather(*(batcher.submit(rows(3, value=v)) for v in (1.0, 2.0)))
+    second = await asyncio.gather(batcher.submit(rows(1, value=5.0)), batcher.submit(rows(2, value=7.0)))
+    await batcher.stop(1.0)
+    assert first == [6.0, 12.0]
+    assert second == [10.0, 28.0]
+
+
+async def test_a_request_failing_validation_is_left_out_of_its_batch() -> None:
+    recorder = Recorder()
+
+    def no_negatives(tokens: np.ndarray) -> Exception | None:
+        return ValueError("negative") if (tokens < 0).any() else None
+
+    batcher = DynamicBatcher(
+        recorder, max_batch_tokens=100, max_delay_s=0.05, max_queue_requests=10, validate=no_negatives
+    )
+    await batcher.start()
+    results = await asyncio.gather(
+        batcher.submit(rows(2, value=1.0)),
+        batcher.submit(rows(3, value=-1.0)),
+        batcher.submit(rows(1, value=3.0)),
+        return_exceptions=True,
+    )
+    await batcher.stop(1.0)
+    assert results[0] == 4.0 and results[2] == 6.0
+    assert isinstance(results[1], ValueError)
+    assert recorder.batches == [[2, 1]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from router_runtime.process import resolve_workers, threads_per_worker
 from router_runtime.server import cgroup_cpu_limit
 
 
@@ -35,3 +36,23 @@ def test_missing_or_garbled_cgroup_files_mean_unknown(tmp_path: Path) -> None:
     assert cgroup_cpu_limit(tmp_path) is None
     (tmp_path / "cpu.max").write_text("garbage")
     assert cgroup_cpu_limit(tmp_path) is None
+
+
+def test_auto_workers_follow_the_cpu_limit() -> None:
+    assert resolve_workers(0, cpu_limit=2, cpu_count=64) == 2
+    assert threads_per_worker(2, cpu_limit=2, cpu_count=64) == 1
+
+
+def test_auto_workers_without_a_limit_is_one_process_with_every_core() -> None:
+    assert resolve_workers(0, cpu_limit=None, cpu_count=16) == 1
+    assert threads_per_worker(1, cpu_limit=None, cpu_count=16) == 16
+
+
+def test_auto_workers_never_exceed_the_cores() -> None:
+    assert resolve_workers(0, cpu_limit=8, cpu_count=4) == 4
+
+
+def test_an_explicit_worker_count_shares_out_the_cpus() -> None:
+    assert resolve_workers(3, cpu_limit=8, cpu_count=64) == 3
+    assert threads_per_worker(3, cpu_limit=8, cpu_count=64) == 2
+    assert threads_per_worker(4, cpu_limit=2, cpu_count=64) == 1

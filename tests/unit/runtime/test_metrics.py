@@ -58,3 +58,13 @@ def test_request_metrics_carry_the_documented_names_and_labels() -> None:
         "moe_router_batch_tokens",
         "moe_router_request_duration_seconds",
     } <= names
+
+
+def test_a_routed_batch_is_counted_once_with_its_size() -> None:
+    router, metrics = routed_metrics()
+    result = router.route(torch.randn(30, 8, generator=torch.Generator().manual_seed(1)))
+    metrics.observe_batch(30, result.stats)
+    samples = scrape(metrics)
+    assert ("moe_router_tokens_total", {}, 30.0) in samples["moe_router_tokens"]
+    count = next(value for name, _, value in samples["moe_router_batch_tokens"] if name.endswith("_count"))
+    assert count == 1

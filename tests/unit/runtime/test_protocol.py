@@ -19,7 +19,7 @@ from router_runtime.protocol import (
 KNOWN = ("expert_indices", "expert_weights", "num_experts")
 
 
-def decode(body: bytes, header_length: int | None = None, max_tokens: int = 100):
+def decode(body: bytes | memoryview, header_length: int | None = None, max_tokens: int = 100):
     return decode_infer_request(body, header_length, input_dim=4, max_tokens=max_tokens, known_outputs=KNOWN)
 
 
@@ -50,6 +50,15 @@ def test_binary_request_round_trips_the_tensor() -> None:
     decoded = decode(body, parse_header_length(headers["Inference-Header-Content-Length"], len(body)))
     assert np.array_equal(decoded.tokens, x)
     assert decoded.binary_outputs == frozenset(KNOWN)
+
+
+def test_a_body_in_a_receive_buffer_decodes_without_copying_the_tensor() -> None:
+    x = np.random.default_rng(1).standard_normal((3, 4), dtype=np.float32)
+    body, headers = encode_request(x, binary=True)
+    buffer = np.frombuffer(bytearray(body), dtype=np.uint8)  # what the transport hands over: a memoryview
+    decoded = decode(buffer.data, int(headers["Inference-Header-Content-Length"]))
+    assert np.array_equal(decoded.tokens, x)
+    assert np.shares_memory(decoded.tokens, buffer)
 
 
 def test_per_output_binary_flag_is_honoured() -> None:
