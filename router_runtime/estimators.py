@@ -89,8 +89,11 @@ class ComplexityCalibrator:
         n = raw.numel()
         if n == 0:
             return
-        batch_var_t, batch_mean_t = torch.var_mean(raw.detach().to(torch.float32), unbiased=False)
-        batch_mean, batch_var = float(batch_mean_t), float(batch_var_t)
+        batch_var_t, batch_mean_t = torch.var_mean(raw.detach().to(torch.float64), unbiased=False)
+        self.merge(n, float(batch_mean_t), float(batch_var_t))
+
+    def merge(self, n: int, batch_mean: float, batch_var: float) -> None:
+        """Fold a batch given by its size, mean and (population) variance into the running statistics."""
         seen = min(self.count, self.window)
         total = seen + n
         delta = batch_mean - self.mean

@@ -276,7 +276,6 @@ class DynamicRouter(nn.Module):
         weights = np.empty((n, k_max), dtype=np.float32)
         k = np.empty(n, dtype=np.int64)
         mass = np.empty(n, dtype=np.float32)
-        use_bias = self._balancer is not None
         bias = self._balancer.bias_view if self._balancer is not None else self._no_bias
         ranges = self._row_ranges(n)
         loads = [np.zeros(e, dtype=np.int64) for _ in ranges]
@@ -297,16 +296,20 @@ class DynamicRouter(nn.Module):
             raw = np.empty(n, dtype=np.float32)
             probe_bias = np.float32(self.probe_bias)
 
+            moments = [np.zeros(2, dtype=np.float64) for _ in ranges]
+
             def scores(i: int, start: int, stop: int) -> None:
                 softmax_numerators(start, stop)
                 kernels.select_scores(
-                    lg, exps, shifted, start, stop, e, bias, use_bias, strategy, k_max, probe_bias,
-                    indices, weights, raw,
+                    lg, exps, shifted, start, stop, e, bias, strategy, k_max, probe_bias,
+                    indices, weights, raw, moments[i],
                 )  # fmt: skip
 
             self._run_ranges(ranges, scores)
-            if update_state:
-                self.calibrator.update(torch.from_numpy(raw))
+            if update_state and n:
+                total, squares = sum(moments[1:], moments[0])
+                mean = float(total) / n
+                self.calibrator.merge(n, mean, max(float(squares) / n - mean * mean, 0.0))
             boundaries = self.calibrator.boundaries(k_max - k_min + 1)
             self._run_ranges(
                 ranges,
@@ -321,7 +324,7 @@ class DynamicRouter(nn.Module):
             def select(i: int, start: int, stop: int) -> None:
                 softmax_numerators(start, stop)
                 kernels.route_rows(
-                    exps, shifted, start, stop, e, bias, use_bias, strategy, k_min, k_max, top_p, renormalize,
+                    exps, shifted, start, stop, e, bias, strategy, k_min, k_max, top_p, renormalize,
                     indices, weights, k, mass, loads[i], k_counts[i], mass_sums[i],
                 )  # fmt: skip
 

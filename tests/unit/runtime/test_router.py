@@ -331,3 +331,15 @@ def test_calibrated_counts_equal_the_normal_cdf_quantiles() -> None:
     calibrator.update(raw)
     direct = quantile_to_counts(calibrator.quantile(raw), 1, 4)
     assert (calibrator.counts(raw, 1, 4, update=False) != direct).sum() <= 2  # float rounding at the boundaries
+
+
+def test_calibration_merged_from_moments_equals_calibration_from_scores() -> None:
+    scores = torch.randn(1000, generator=torch.Generator().manual_seed(4)) * 3 + 1
+    from_scores, from_moments = ComplexityCalibrator(), ComplexityCalibrator()
+    for chunk in scores.split(250):
+        from_scores.update(chunk)
+        values = chunk.double()
+        from_moments.merge(len(chunk), float(values.mean()), float(values.var(unbiased=False)))
+    assert from_moments.mean == pytest.approx(from_scores.mean)
+    assert from_moments.var == pytest.approx(from_scores.var)
+    assert from_moments.mean == pytest.approx(float(scores.double().mean()), rel=1e-9)
