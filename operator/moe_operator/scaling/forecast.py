@@ -22,15 +22,17 @@ peak at ``quantile`` of the origins: the pinball-loss optimum among its rescalin
 under-forecasting costs ``quantile / (1 - quantile)`` times over-forecasting). The choice is per
 series: the model whose floor leaves the least demand uncovered *at equal average capacity* with
 reactive scaling (which could equally buy that capacity with a lower target), cross-validated, with
-a confidence bound (shape models) or a better score on its own past (the burst reserve, the one
-pre-specified fallback), confirmed on older history, and kept while it is not confidently worse
-(hysteresis: a floor switched on and off by noise costs more than either). A series where no model
-does better gets no forecast floor (``REACTIVE``): the forecaster knows when not to trust itself.
+a confidence bound (shape models) or a better score on its own past against the HPA as it runs,
+tolerance included (the burst reserve, the one pre-specified fallback), confirmed on older history,
+and kept while it is not confidently worse (hysteresis: a floor switched on and off by noise costs
+more than either). A series where no model does better gets no forecast floor (``REACTIVE``): the
+forecaster knows when not to trust itself.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,6 +40,8 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+
+from moe_operator.scaling.policy import HPA_TOLERANCE
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -382,10 +386,12 @@ def backtest_model(
     stabilisation window), and what is provided is the larger of the two. A model's score is the
     demand it leaves uncovered divided by what reactive scaling leaves uncovered when it spends the
     same capacity on average (a lower HPA target), so a model wins only by putting capacity where the
-    peaks come, never by buying more of it. Shortfalls are cross-validated over up to
-    ``BACKTEST_FOLDS`` folds; among the models ``trusted`` admits (a shape model must also be
-    confidently better than the burst reserve when that is trusted), the lowest score wins;
-    otherwise ``REACTIVE``. Raises ForecastError when the series is shorter than ``grid.min_history``.
+    peaks come, never by buying more of it. The burst reserve, trusted without a confidence bound, is
+    scored against the HPA with its tolerance (``hpa_hold``), the baseline it really competes with.
+    Shortfalls are cross-validated over up to ``BACKTEST_FOLDS`` folds; among the models ``trusted``
+    admits (a shape model must also be confidently better than the burst reserve when that is
+    trusted), the lowest score wins; otherwise ``REACTIVE``. Raises ForecastError when the series is
+    shorter than ``grid.min_history``.
     """
     if not 0.5 <= quantile < 1.0:
         raise ForecastError(f"quantile must be in [0.5, 1), got {quantile}")
@@ -403,6 +409,9 @@ def backtest_model(
     # Scored on the part of the horizon that capacity asked for at the origin can still serve.
     ready_peak = future_peak(y, base_origins + grid.lead, grid.horizon - grid.lead)
     reactive = rolling_max(persistence(y, base_origins), reactive_hold)
+    # The burst reserve, trusted on its point score alone, is judged against the HPA as it really
+    # holds capacity (within its tolerance); see ``hpa_hold``.
+    reactive_hpa = hpa_hold(persistence(y, base_origins), reactive_hold)
     scale = max(float(np.mean(actual)), 1e-12)
     baseline_factor = quantile_factor(actual, reactive, quantile)
     baseline_error = pinball_loss(actual, baseline_factor * reactive, quantile) / scale
@@ -423,8 +432,9 @@ def backtest_model(
         if folds < MIN_FOLDS:
             continue
         point = point_forecast(model, y, origins, grid, periods)
+        baseline = reactive_hpa if model == BURST_FALLBACK else reactive
         model_short, reactive_short = cross_validated_shortfalls(
-            point, actual[keep], ready_peak[keep], reactive[keep], quantile, floor_hold, folds
+            point, actual[keep], ready_peak[keep], baseline[keep], quantile, floor_hold, folds
         )
         score, upper = score_with_bound(model_short, reactive_short, trust_t(folds, len(candidates)))
         if not trusted(model, score, upper, incumbent):
@@ -441,6 +451,28 @@ def backtest_model(
             reference = pinball_loss(actual[keep], baseline_factor * reactive[keep], quantile) / scale
             best = ModelChoice(model, factor, periods, error, reference, int(origins.size))
     return best
+
+
+def hpa_hold(rates: FloatArray, hold: int, tolerance: float = HPA_TOLERANCE) -> FloatArray:
+    """Capacity (in requests/s at target) the HPA holds at each step, tolerance included.
+
+    Like ``rolling_max`` (the highest rate of the last ``hold`` steps, the scale-down window), but a
+    rate within ``tolerance`` of the capacity held is no reason to scale: the HPA keeps what it has.
+    Noise inside the tolerance band is therefore ridden out, not chased, as in the cluster.
+    """
+    out = np.empty(rates.size, dtype=np.float64)
+    window: deque[tuple[int, float]] = deque()  # decreasing (step, proposal): the front is the maximum
+    current = 0.0
+    for i, rate in enumerate(rates.tolist()):
+        proposal = current if current > 0 and abs(rate / current - 1.0) <= tolerance else rate
+        while window and window[0][0] <= i - hold:
+            window.popleft()
+        while window and window[-1][1] <= proposal:
+            window.pop()
+        window.append((i, proposal))
+        current = proposal if proposal >= current else min(current, window[0][1])
+        out[i] = current
+    return out
 
 
 def trusted(model: str, score: float, upper: float, incumbent: str | None) -> bool:

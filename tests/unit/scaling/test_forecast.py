@@ -21,10 +21,12 @@ from moe_operator.scaling.forecast import (
     fill_gaps,
     forecast_peak,
     future_peak,
+    hpa_hold,
     pinball_loss,
     point_forecast,
     quantile_factor,
     quantile_origins,
+    rolling_max,
     select_model,
     student_t_upper,
     trust_t,
@@ -280,6 +282,21 @@ def test_an_incumbent_keeps_its_floor_until_it_is_confidently_worse_than_reactiv
 
 def test_no_model_is_trusted_where_reactive_scaling_missed_nothing() -> None:
     assert not trusted(BURST_RESERVE, math.inf, math.inf, incumbent=BURST_RESERVE)
+
+
+def test_the_hpa_baseline_rides_out_rates_within_its_tolerance() -> None:
+    rates = np.array([100.0, 105.0, 95.0, 109.0, 91.0])
+    assert hpa_hold(rates, hold=1).tolist() == [100.0] * 5
+
+
+def test_the_hpa_baseline_scales_up_past_its_tolerance_at_once_and_down_through_its_window() -> None:
+    rates = np.array([100.0, 120.0, 80.0, 80.0, 80.0])
+    assert hpa_hold(rates, hold=3).tolist() == [100.0, 120.0, 120.0, 120.0, 80.0]
+
+
+def test_without_tolerance_the_hpa_baseline_is_the_rolling_maximum() -> None:
+    rates = np.random.default_rng(5).lognormal(3.0, 0.5, 200)
+    np.testing.assert_array_equal(hpa_hold(rates, hold=5, tolerance=0.0), rolling_max(rates, 5))
 
 
 def test_student_t_quantiles_match_the_tables() -> None:
