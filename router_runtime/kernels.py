@@ -168,7 +168,7 @@ def _count_row(strategy, weights, t, k_min, k_max, top_p, z, p_shift):  # type: 
         return k_max
     if strategy == TOP_P:
         # The cumulative mass only grows, so counting the prefixes still below top_p needs no early exit.
-        k = 1
+        k = np.int64(1)
         cumulative = np.float32(0.0)
         for s in range(k_max - 1):
             cumulative += weights[t, s]
