@@ -72,15 +72,8 @@ class RoutingStats:
             k_counts[constant_k] = tokens
         else:
             k_counts = np.bincount(k.numpy(), minlength=max_experts + 1)
-        mean_k = float(k_counts @ np.arange(k_counts.shape[0])) / tokens if tokens else 0.0
-        dropped = (tokens - float(selected_mass.numpy().sum(dtype=np.float64))) / tokens if tokens else 0.0
-        return cls(
-            tokens=tokens,
-            mean_k=mean_k,
-            flops_ratio=mean_k / max_experts if max_experts else 0.0,
-            dropped_mass=max(dropped, 0.0),
-            expert_load=load,
-            k_counts=k_counts,
+        return cls.from_counts(
+            tokens, load, k_counts, float(selected_mass.numpy().sum(dtype=np.float64)), max_experts
         )
 
     @classmethod
