@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -28,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+
+from moe_operator.sandbox import free_port
 
 PROMETHEUS = "prometheus"
 PROMTOOL = "promtool"
@@ -41,12 +42,6 @@ def prometheus_missing() -> str | None:
         if shutil.which(binary) is None:
             return f"{binary} is not installed (Debian package 'prometheus')"
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

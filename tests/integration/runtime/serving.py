@@ -1,16 +1,24 @@
-"""Run the real app on uvicorn (as ``moe-router serve`` configures it) in a background thread on a free port."""
+"""Run the real app on a free port: in a background thread (``running_server``) or as the ``moe-router serve``
+process (``serve_process``)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
+from moe_operator.sandbox import free_port
+from router_runtime.client import wait_ready
 from router_runtime.config import RuntimeFileConfig
 from router_runtime.router import DynamicRouter
 from router_runtime.server import create_app, uvicorn_config
@@ -39,3 +47,33 @@ def running_server(
         server.should_exit = True
         thread.join(timeout=20)
         sock.close()
+
+
+@contextmanager
+def serve_process(
+    wire: dict[str, Any],
+    directory: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    ready_timeout: float = 60,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``python -m router_runtime serve`` with the config ``wire`` (camelCase) written to ``directory``.
+
+    Yields its URL once ready and the process; kills it on exit if the test left it running.
+    """
+    config_file = directory / "router.yaml"
+    config_file.write_text(RuntimeFileConfig.model_validate(wire).to_yaml())
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "router_runtime", "serve", "--config", str(config_file), "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", *args],
+        env=os.environ | {"MOE_ROUTER_API_KEY": ""} | dict(env or {}),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=ready_timeout)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +12,12 @@ import httpx
 import numpy as np
 import torch
 
-from router_runtime.client import route, wait_ready
+from router_runtime.client import route
 from router_runtime.config import RuntimeFileConfig
 from router_runtime.protocol import encode_request
 from router_runtime.router import DynamicRouter, RoutingResult
 from tests.integration.runtime.conftest import small_config
-from tests.integration.runtime.serving import running_server
+from tests.integration.runtime.serving import running_server, serve_process
 
 
 class GatedRouter(DynamicRouter):
@@ -66,27 +62,11 @@ def test_full_queue_is_answered_503_with_retry_after() -> None:
     assert "overloaded" in rejected.json()["error"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_sigterm_finishes_in_flight_requests_and_exits_within_grace(tmp_path: Path) -> None:
     config = small_config().model_dump(by_alias=True, mode="json")
     config["server"]["batching"]["maxDelayMs"] = 1000.0  # keeps the request in flight while SIGTERM arrives
     config["server"]["shutdownGraceSeconds"] = 10.0
-    config_file = tmp_path / "router.yaml"
-    config_file.write_text(RuntimeFileConfig.model_validate(config).to_yaml())
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "router_runtime", "serve", "--config", str(config_file), "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        env=os.environ | {"MOE_ROUTER_API_KEY": ""},
-    )  # fmt: skip
-    try:
-        wait_ready(url, timeout=60)
+    with serve_process(config, tmp_path) as (url, process):
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(route, url, "tiny", np.ones((4, 16), np.float32))
             deadline = time.monotonic() + 10
@@ -99,10 +79,6 @@ def test_sigterm_finishes_in_flight_requests_and_exits_within_grace(tmp_path: Pa
         assert result.k.shape == (4,)
         assert process.wait(timeout=10) == 0
         assert time.monotonic() - started < 10
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_readiness_turns_false_while_draining() -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,10 +14,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router_runtime.client import route, wait_ready
-from router_runtime.config import RuntimeFileConfig
+from router_runtime.client import route
 from tests.integration.runtime.conftest import small_config
-from tests.integration.runtime.test_backpressure_and_shutdown import free_port
+from tests.integration.runtime.serving import serve_process
 
 REQUESTS, TOKENS = 24, 6
 
@@ -35,23 +32,8 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
     wire = small_config().model_dump(by_alias=True, mode="json")
     wire["server"]["batching"]["maxDelayMs"] = 300.0  # long enough to catch a request in flight
     wire["server"]["shutdownGraceSeconds"] = 10.0
-    config_file = tmp / "router.yaml"
-    config_file.write_text(RuntimeFileConfig.model_validate(wire).to_yaml())
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "router_runtime", "serve", "--config", str(config_file), "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--workers", "2"],
-        env=os.environ | {"MOE_ROUTER_API_KEY": "", "TMPDIR": str(tmp)},
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, timeout=90)
+    with serve_process(wire, tmp, "--workers", "2", env={"TMPDIR": str(tmp)}, ready_timeout=90) as (url, process):
         yield Pod(url, process, tmp)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
 
 def children(pid: int) -> list[int]:
     found = []
