@@ -11,7 +11,9 @@ tokens. For the binary tensor extension and for JSON tensors it measures
   time, so queueing is not hidden), p50/p99;
 
 and compares the binary saturation throughput with in-process ``DynamicRouter.route`` on 8192-token
-batches (the issue's target: >= 40 %, and p99 < 50 ms at half of saturation). When Debian's ``wrk`` is
+batches (the issue's target: >= 40 %, and p99 < 50 ms at half of saturation), and with this machine's
+ceiling: the CPU that moving the same bytes over loopback costs (raw TCP, measured) plus the routing at
+the in-process rate, i.e. what the cores could serve if HTTP and Python cost nothing. When Debian's ``wrk`` is
 installed the binary saturation runs are repeated with ``wrk -t1`` (C, a Lua script posts the body),
 a lighter generator than Python. Each run also reports the CPU per request of the server (all its
 processes), of its event-loop threads and of the generator. Everything shares the machine's cores,
@@ -274,6 +276,86 @@ def parse_wrk(output: str) -> dict[str, Any]:
     }
 
 
+def transfer_serve(args: argparse.Namespace) -> int:
+    """The receiving end of ``loopback_transfer``: read each request whole, answer a response-sized reply."""
+    request_size, reply = args.transfer[0], b"r" * args.transfer[1]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        print(listener.getsockname()[1], flush=True)
+        connection, _ = listener.accept()
+    buffer = memoryview(bytearray(request_size))
+    messages, start = 0, time.thread_time()
+    with connection:
+        while True:
+            got = 0
+            while got < request_size:
+                n = connection.recv_into(buffer[got:], request_size - got)
+                if n == 0:
+                    print(json.dumps({"messages": messages, "cpu_s": time.thread_time() - start}))
+                    return 0
+                got += n
+            connection.sendall(reply)
+            messages += 1
+
+
+def loopback_transfer(request: bytes, reply_size: int, duration: float) -> dict[str, float]:
+    """CPU per request of moving the bytes alone: blocking raw TCP over loopback, no HTTP, no Python per byte.
+
+    One client (this thread) and one server process ping-pong the exact request bytes and a reply of the
+    response's size; what both sides spend is the kernel's copy and TCP work that any server on this
+    machine pays for the same traffic, whatever its HTTP stack.
+    """
+    command = [sys.executable, __file__, "--transfer", str(len(request)), str(reply_size)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    reply = bytearray(reply_size)
+    sent, start, stop_at = 0, time.thread_time(), time.perf_counter() + duration
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        while time.perf_counter() < stop_at:
+            connection.sendall(request)
+            view, got = memoryview(reply), 0
+            while got < reply_size:
+                got += connection.recv_into(view[got:], reply_size - got)
+            sent += 1
+        client_cpu = time.thread_time() - start
+    served = json.loads(server.communicate(timeout=30)[0])
+    return {
+        "client_cpu_ms": client_cpu / sent * 1e3,
+        "server_cpu_ms": served["cpu_s"] / max(served["messages"], 1) * 1e3,
+    }
+
+
+def response_size() -> int:
+    """Bytes of a binary 256-token response (outputs as the server encodes them, plus an HTTP head)."""
+    from router_runtime.protocol import encode_infer_response
+
+    outputs: dict[str, np.ndarray] = {
+        "expert_indices": np.zeros((TOKENS_PER_REQUEST, 2), np.int64),
+        "expert_weights": np.zeros((TOKENS_PER_REQUEST, 2), np.float32),
+        "num_experts": np.zeros(TOKENS_PER_REQUEST, np.int64),
+    }
+    parameters = {"mean_k": 1.2345678, "dropped_mass": 0.0123456, "flops_ratio": 0.617283, "batch_tokens": 8192}
+    encoded = encode_infer_response(MODEL, "1", outputs, binary=frozenset(outputs), parameters=parameters)
+    return len(encoded.body) + 200
+
+
+def ceiling(reference: float, threads: int, transfer: dict[str, float]) -> dict[str, float]:
+    """The most requests/s these cores could serve if HTTP parsing and Python cost nothing.
+
+    Each request still costs the loopback transfer on both ends (measured) and the routing of its tokens
+    at the in-process rate (``threads`` cores busy for ``TOKENS_PER_REQUEST / reference`` seconds), and the
+    load generator shares the cores, as in the HTTP runs.
+    """
+    routing_ms = threads * TOKENS_PER_REQUEST / reference * 1e3
+    per_request_ms = transfer["client_cpu_ms"] + transfer["server_cpu_ms"] + routing_ms
+    req_per_s = (os.cpu_count() or 1) / per_request_ms * 1e3
+    return transfer | {
+        "routing_cpu_ms": routing_ms,
+        "req_per_s": req_per_s,
+        "tokens_per_s": req_per_s * TOKENS_PER_REQUEST,
+    }
+
+
 def in_process_tokens_per_s(threads: int) -> float:
     import torch
 
@@ -368,6 +450,13 @@ def bench(args: argparse.Namespace) -> int:
     # The faster of two in-process measurements (before and after the load), so the ratio is not flattered.
     reference = max(before, in_process_tokens_per_s(args.threads))
     print(f"in-process DynamicRouter.route, T=8192, {args.threads} threads: {reference / 1e6:.3f} M tokens/s (best)")
+    bound = ceiling(reference, args.threads, loopback_transfer(encoded_request(True), response_size(), 3.0))
+    print(
+        f"ceiling with free HTTP and Python: loopback transfer {bound['client_cpu_ms']:.3f} ms (sender) + "
+        f"{bound['server_cpu_ms']:.3f} ms (receiver) of CPU per request, routing {bound['routing_cpu_ms']:.3f} ms "
+        f"-> at most {bound['req_per_s']:.0f} req/s = {bound['tokens_per_s'] / 1e6:.3f} M tokens/s "
+        f"= {bound['tokens_per_s'] / reference:.1%} of in-process on these {os.cpu_count()} cores"
+    )
     columns = ("conc/rate", "req/s", "Mtok/s", "p50 ms", "p99 ms", "errors", "srv ms/r", "loop ms/r", "gen ms/r")
     print(f"{'mode':<7} {'proc':>4} {'phase':<16} {'generator':<15}" + " ".join(f"{c:>9}" for c in columns))
     for r in results:
@@ -389,10 +478,12 @@ def bench(args: argparse.Namespace) -> int:
             best_binary = max(binary, key=lambda r: r["tokens_per_s"])
             print(
                 f"binary saturation / in-process, {workers} worker(s): {best_binary['tokens_per_s'] / reference:.1%} "
-                f"({best_binary['generator']}, {best_binary.get('concurrency')} connections)"
+                f"({best_binary['generator']}, {best_binary.get('concurrency')} connections), "
+                f"{best_binary['tokens_per_s'] / bound['tokens_per_s']:.1%} of the ceiling"
             )
     if args.json:
-        args.json.write_text(json.dumps({"in_process_tokens_per_s": reference, "results": results}, indent=2))
+        document = {"in_process_tokens_per_s": reference, "ceiling": bound, "results": results}
+        args.json.write_text(json.dumps(document, indent=2))
     return 0
 
 
@@ -411,7 +502,10 @@ def main() -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["binary", "json"], help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--transfer", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.transfer:
+        return transfer_serve(args)
     if args.loadgen:
         args.concurrency = args.concurrency[0]
         return loadgen(args)
