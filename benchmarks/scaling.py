@@ -15,7 +15,17 @@ up on the first half; nothing is fitted per trace, so this is the part no choice
 Synthetic: seeded generators (``moe_operator.scaling.synthetic``: bursty, regime shifts, flat noise,
 seasonal with trend) run alongside the shared traces unless ``--no-synthetic``.
 
-    .venv/bin/python benchmarks/scaling.py [--traces DIR] [--plot out/scaling-day.png] [--json FILE]
+Limits, to tell a weak model from a trace that leaves little to forecast. ``pre-fl`` (always
+printed): the share of the reactive HPA's unserved demand that falls before any floor can be ready
+(two horizons of history, the least any learner of the horizon's peak needs, + metric lag +
+startup); both policies are identical until then, so no forecaster that learns from the series
+itself can bring the ratio below it. ``--limits`` adds the *oracle
+escalation* (not causal): the controller's own schedule, raised to the actual peak of the reachable
+part of the horizon whenever a burst is visibly under way (last rate >= 1.2x the last hour's mean)
+from the minimum history on: more than escalating on a visible burst ("buy capacity while a burst
+rises") can add to the floor in force. It makes the run about 40% longer.
+
+    .venv/bin/python benchmarks/scaling.py [--traces DIR] [--plot out/scaling-day.png] [--json FILE] [--limits]
 """
 
 from __future__ import annotations
@@ -32,15 +42,18 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_operator.scaling.forecast import Grid, forecast_peak, select_model
+from moe_operator.scaling.forecast import Grid, forecast_peak, future_peak, select_model
+from moe_operator.scaling.policy import METRIC_LAG_SECONDS
 from moe_operator.scaling.simulate import (
     POLICIES,
+    ForecastSchedule,
     SimulationConfig,
     SimulationResult,
     forecast_schedule,
     plot_results,
     simulate,
     summarize,
+    tick_origins,
 )
 from moe_operator.scaling.synthetic import GENERATORS
 from moe_operator.scaling.traces import Trace, TraceFormat, read_trace
@@ -57,6 +70,9 @@ UNSERVED_FLOOR = 1e-9
 NEGLIGIBLE_UNSERVED = 1e-6
 #: Extra unserved demand (as a fraction of all demand) below which "worse" is reported as immaterial.
 MATERIAL_EXCESS = 1e-5
+#: ``--limits``: a burst counts as visibly under way when the last known rate is this far above the
+#: last hour's mean (beyond the HPA's 10% tolerance and the ordinary minute-to-minute noise).
+VISIBLE_BURST_RATIO = 1.2
 
 
 def unserved_ratio(unserved: float, reactive: float | None) -> float | None:
@@ -112,7 +128,49 @@ def reactive_unserved_at(curve: list[tuple[float, float]], replica_hours: float)
     return float(math.exp(np.interp(replica_hours, costs, logs)))
 
 
-def run_trace(name: str, trace: Trace, delay: float, peak_replicas: int) -> tuple[list[Comparison], dict[str, object]]:
+def escalation_oracle(trace: Trace, config: SimulationConfig, schedule: ForecastSchedule) -> ForecastSchedule:
+    """The controller's schedule, raised to the actual reachable peak wherever a burst is visibly under way.
+
+    Not causal (it reads the future): an upper bound on what escalating on the burst state at the
+    origin can add to the floor in force. It escalates from the first tick with the minimum history on, with or
+    without a floor from the controller (a new model would need no trust to get there); elsewhere the
+    schedule is unchanged.
+    """
+    grid = config.grid
+    y = trace.mean_rates(config.step_seconds)
+    origins = tick_origins(schedule.tick_times, config.step_seconds)
+    usable = np.flatnonzero((origins >= grid.min_history) & (origins + grid.horizon <= y.size))
+    at = origins[usable]
+    csum = np.concatenate(([0.0], np.cumsum(y)))
+    start = np.maximum(at - grid.window, 0)
+    level = (csum[at] - csum[start]) / (at - start)
+    visible = y[at - 1] >= VISIBLE_BURST_RATIO * level
+    reachable = future_peak(y, at + grid.lead, grid.horizon - grid.lead)
+    raised = usable[visible]
+    predicted = schedule.predicted_load.copy()
+    uses_floor = schedule.uses_floor.copy()
+    predicted[raised] = np.maximum(np.where(uses_floor[raised], predicted[raised], 0.0), reachable[visible])
+    uses_floor[raised] = True
+    return replace(schedule, predicted_load=predicted, uses_floor=uses_floor)
+
+
+def pre_floor_share(result: SimulationResult, config: SimulationConfig) -> float:
+    """Share of a reactive run's unserved demand before any predictive floor could be ready.
+
+    "Any": the least history a learner of the horizon's peak needs is two horizons (one to measure a
+    level, one to see its first outcome), less than the controller's own ``Grid.min_history``.
+    """
+    first_tick = 2 * config.grid.horizon * config.step_seconds + METRIC_LAG_SECONDS
+    gap = np.maximum(result.demand - result.ready * config.capacity_per_replica, 0.0)
+    total = float(np.sum(gap))
+    if total <= 0:
+        return 0.0
+    return float(np.sum(gap[result.times < first_tick + config.startup_delay])) / total
+
+
+def run_trace(
+    name: str, trace: Trace, delay: float, peak_replicas: int, limits: bool = False
+) -> tuple[list[Comparison], dict[str, object]]:
     capacity = float(np.quantile(trace.rates, 0.99)) / peak_replicas
     base = SimulationConfig(capacity, delay, 0.7, 1, 100 * peak_replicas)
     half = replace(base, evaluate_from=trace.duration / 2)
@@ -132,12 +190,21 @@ def run_trace(name: str, trace: Trace, delay: float, peak_replicas: int) -> tupl
 
     curve: list[tuple[float, float, float, float]] = []
     reactive_by_target: dict[float, tuple[float, int]] = {}
+    pre_floor: list[float] = []
     for target in REACTIVE_TARGETS:
         result, config = run(target, "reactive")
         curve.append(curve_point(result, config))
         reactive_by_target[target] = (result.summary.unserved_fraction, result.summary.scale_events)
+        if target in PREDICTIVE_TARGETS:
+            pre_floor.append(pre_floor_share(result, config))
     predictive = {target: run(target, "predictive") for target in PREDICTIVE_TARGETS}
-    most = max(result.summary.replica_hours for result, _ in predictive.values())
+    oracle: dict[float, tuple[SimulationResult, SimulationConfig]] = {}
+    if limits:
+        raised = escalation_oracle(trace, base, schedule)
+        for target in PREDICTIVE_TARGETS:
+            config = replace(base, target_utilization=target)
+            oracle[target] = (simulate(trace, config, "predictive", raised), config)
+    most = max(result.summary.replica_hours for result, _ in [*predictive.values(), *oracle.values()])
     for target in EXTRA_REACTIVE_TARGETS:
         if max(point[0] for point in curve) >= most:
             break
@@ -150,6 +217,11 @@ def run_trace(name: str, trace: Trace, delay: float, peak_replicas: int) -> tupl
             reactive_by_target[target][0], result.summary.scale_events, reactive_by_target[target][1],
             point[3], reactive_unserved_at([(c, u) for _, _, c, u in curve], point[2]),
         ))
+    oracle_ratios = [
+        unserved_ratio(result.summary.unserved_fraction,
+                       reactive_unserved_at([(c, u) for c, u, _, _ in curve], result.summary.replica_hours))
+        for result, _ in oracle.values()
+    ]
     floor_ticks = float(np.mean(schedule.uses_floor))
     models = {model: schedule.models.count(model) / len(schedule.models) for model in sorted(set(schedule.models))}
     info: dict[str, object] = {
@@ -157,7 +229,10 @@ def run_trace(name: str, trace: Trace, delay: float, peak_replicas: int) -> tupl
         "forecast_weighted_abs_error": schedule.weighted_abs_error, "forecast_coverage": schedule.coverage,
         "floor_tick_fraction": floor_ticks, "models": models, "forecast_seconds": forecast_seconds,
         "reactive_curve": curve, "seconds": time.perf_counter() - started,
+        "pre_floor_share": float(np.median(pre_floor)),
     }
+    if limits:
+        info["oracle_escalation_ratios"] = oracle_ratios
     return comparisons, info
 
 
@@ -209,7 +284,7 @@ def print_tables(all_rows: list[Comparison], infos: list[dict[str, object]]) -> 
     print("\nper trace and startup delay: median and worst ratio over targets (whole trace; second half held out),"
           " scale events at U=0.7 (predictive / reactive), forecast error")
     print(f"{'trace':<28} {'start':>5} {'median':>6} {'worst':>6} {'ho-med':>6} {'ho-wst':>6} {'events':>11} "
-          f"{'wAPE':>6} {'cover':>6} {'floor%':>6}  models")
+          f"{'wAPE':>6} {'cover':>6} {'floor%':>6} {'pre-fl':>6}  models")
     for info in infos:
         rows = [r for r in all_rows if r.trace == info["trace"] and r.delay == info["delay"]]
         whole = _median_worst([r.ratio for r in rows if r.ratio is not None])
@@ -219,7 +294,15 @@ def print_tables(all_rows: list[Comparison], infos: list[dict[str, object]]) -> 
         models = ", ".join(f"{m} {share:.0%}" for m, share in info["models"].items())  # type: ignore[attr-defined]
         print(f"{str(info['trace'])[:28]:<28} {info['delay']:>5.0f} {whole} {later} {events:>11} "
               f"{info['forecast_weighted_abs_error']:6.3f} {info['forecast_coverage']:6.3f} "
-              f"{info['floor_tick_fraction']:6.1%}  {models}")
+              f"{info['floor_tick_fraction']:6.1%} {info['pre_floor_share']:6.2f}  {models}")
+    if any("oracle_escalation_ratios" in info for info in infos):
+        print(f"\nlimits: oracle escalation (the controller's forecast raised to the actual reachable peak whenever the"
+              f" last rate is >= {VISIBLE_BURST_RATIO}x the last hour's mean, from the minimum history on; not causal),"
+              f" ratio at equal replica-hours for U={', '.join(str(t) for t in PREDICTIVE_TARGETS)}")
+        for info in infos:
+            ratios = [r for r in info.get("oracle_escalation_ratios", []) if r is not None]  # type: ignore[attr-defined]
+            cells = " ".join(f"{r:6.2f}" for r in ratios)
+            print(f"{str(info['trace'])[:28]:<28} {info['delay']:>5.0f} {cells}   median {_median_worst(ratios)}")
     cases: list[tuple[float, float, Comparison, str]] = [
         (r.ratio, r.unserved - (r.reactive_unserved or 0.0), r, "whole") for r in all_rows if r.ratio is not None
     ]
@@ -267,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-trace", default="nyc_taxi", help="trace (name substring) for the plot")
     parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the seeded synthetic traces")
+    parser.add_argument("--limits", action="store_true",
+                        help="also run the (non-causal) oracle escalation bound (about 40%% longer)")
     args = parser.parse_args(argv)
 
     files = sorted(p for p in args.traces.glob("*.csv") if not args.only or any(o in p.name for o in args.only))
@@ -285,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     traces.update({name: make() for name, make in synthetic.items()})
     for name, trace in traces.items():
         for delay in STARTUP_DELAYS:
-            rows, info = run_trace(name, trace, delay, args.peak_replicas)
+            rows, info = run_trace(name, trace, delay, args.peak_replicas, args.limits)
             all_rows.extend(rows)
             infos.append(info)
             print(f"  {name} startup {delay:.0f}s: {info['seconds']:.1f}s", file=sys.stderr)
