@@ -150,17 +150,17 @@ async def run_tick(
         return _failure(state, moment, UNAVAILABLE, message, active, settings, metrics, labels)
 
     state.consecutive_failures = 0
+    have = history.size * pred.step_seconds / 60.0
+    need = grid.scorable_history * pred.step_seconds / 60.0
+    too_young = f"{have:.0f} min of history; forecasting starts after {need:.0f} min (no floor until then)"
     if history.size < grid.min_history:
-        have = history.size * pred.step_seconds / 60.0
-        need = grid.min_history * pred.step_seconds / 60.0
         applied = floor_on_success(state.floor, moment, settings.min_replicas, settings)
         prediction = PredictionStatus(
             horizon_seconds=horizon, model=None, updated_at=_rfc3339(moment),
             applied_min_replicas=applied if active else None,
         )
         state.last_prediction = prediction
-        message = f"{have:.0f} min of history; forecasting starts after {need:.0f} min (no floor until then)"
-        return TickResult(prediction, "False", INSUFFICIENT_HISTORY, message, applied if active else None)
+        return TickResult(prediction, "False", INSUFFICIENT_HISTORY, too_young, applied if active else None)
 
     try:
         choice = _current_choice(state, history, grid, pred.seasonality, settings.stabilization_seconds, moment)
@@ -201,6 +201,9 @@ async def run_tick(
         )
     if pred.mode == "Active" and not active:
         message += "; autoscaling.enabled is false, so there is no HPA to hold the floor on"
+    if not choice.uses_floor and history.size < grid.scorable_history:
+        # The backtest ran (it sets the refit schedule) but could score no model yet.
+        return TickResult(prediction, "False", INSUFFICIENT_HISTORY, too_young, applied if active else None)
     return TickResult(prediction, "True", FORECASTING, message, applied if active else None)
 
 

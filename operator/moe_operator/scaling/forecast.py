@@ -156,6 +156,18 @@ class Grid:
         return earliest_origin(BURST_RESERVE, self) + self.horizon + quantile_origins()
 
     @property
+    def scorable_history(self) -> int:
+        """Samples before the backtest can score its first model, ``burst-reserve``.
+
+        Its origins (from the first with a level to the last with a known outcome) must also fill
+        ``MIN_FOLDS`` cross-validation folds of one horizon. From ``min_history`` until then every
+        backtest answers ``REACTIVE`` because nothing could be scored yet, not because nothing won; it
+        still runs, so the refit schedule (``policy.refit_due``) counts from ``min_history``.
+        """
+        origins = max(quantile_origins(), MIN_FOLDS * self.horizon)
+        return max(self.min_history, earliest_origin(BURST_RESERVE, self) + self.horizon - 1 + origins)
+
+    @property
     def min_shape_history(self) -> int:
         """Samples needed before the shape models (trend, recent peak) can be backtested."""
         return self.window + self.horizon + MIN_BACKTEST_ORIGINS

@@ -189,7 +189,12 @@ def forecast_schedule(trace: Trace, config: SimulationConfig) -> ForecastSchedul
         first = int(origins[block.start])
         choice = _choose(history[max(0, first - lookback) : first], grid, config, choice)
         block_origins = origins[block]
-        models.extend(["insufficient-history" if choice is None else choice.model] * (block.stop - block.start))
+        # As the controller reports it: below ``scorable_history`` no model could be scored yet.
+        models.extend(
+            "insufficient-history" if choice is None or (not choice.uses_floor and origin < grid.scorable_history)
+            else choice.model
+            for origin in block_origins.tolist()
+        )
         if choice is None:
             continue
         low = max(0, int(block_origins.min()) - lookback)

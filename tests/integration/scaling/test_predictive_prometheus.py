@@ -32,6 +32,7 @@ TRACE = Path(__file__).resolve().parents[4] / "shared" / "traces" / "nyc_taxi.cs
 NAMESPACE = "demo"
 ROUTER = "taxi"
 FRESH = "fresh"
+YOUNG = "young"
 #: The segment replayed: a week of history, then the Thursday morning ramp (05:00-09:00 UTC in the file).
 SEGMENT_START = datetime(2014, 7, 10, tzinfo=UTC).timestamp()
 RAMP_DAY = datetime(2014, 7, 17, tzinfo=UTC).timestamp()
@@ -71,10 +72,13 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, history: History) -> It
     labels = {"namespace": NAMESPACE, "service": ROUTER, "pod": f"{ROUTER}-0"}
     fresh_end = history.times[-1]
     fresh_times = np.arange(fresh_end - 1200, fresh_end, 60.0)
+    young_times = np.arange(fresh_end - 1800, fresh_end, 60.0)
     series = [
         SeriesSpec(labels, history.times, history.rates),
         SeriesSpec({"namespace": NAMESPACE, "service": FRESH, "pod": f"{FRESH}-0"}, fresh_times,
                    np.full(fresh_times.size, 3.0)),
+        SeriesSpec({"namespace": NAMESPACE, "service": YOUNG, "pod": f"{YOUNG}-0"}, young_times,
+                   np.random.default_rng(0).lognormal(1.0, 0.5, young_times.size)),
     ]
     with start_prometheus(tmp_path_factory.mktemp("prometheus"), series) as server:
         yield server
@@ -161,8 +165,20 @@ async def test_a_router_with_twenty_minutes_of_history_reports_insufficient_hist
     result = await tick(spec_for(prometheus.url), PredictiveState(), history.times[-1], name=FRESH)
     assert (result.condition_status, result.condition_reason) == ("False", "InsufficientHistory")
     assert result.min_replicas == 1
-    # Horizon 420 s = 7 steps: a level over 7 min, 7 min until its first outcome, 10 outcomes.
-    assert "forecasting starts after 24 min" in result.condition_message
+    # Horizon 420 s = 7 steps: a level over 7 min, 7 min until its first outcome, then 3 folds of 7
+    # outcomes before the backtest can score a model.
+    assert "forecasting starts after 34 min" in result.condition_message
+
+
+async def test_a_router_with_thirty_minutes_of_history_is_backtested_but_still_reports_insufficient_history(
+    prometheus: PrometheusServer, history: History
+) -> None:
+    state = PredictiveState()
+    result = await tick(spec_for(prometheus.url), state, history.times[-1], name=YOUNG)
+    assert state.choice is not None and state.choice.model == "reactive"  # ran, as the simulator's schedule does
+    assert (result.condition_status, result.condition_reason) == ("False", "InsufficientHistory")
+    assert result.min_replicas == 1
+    assert "30 min of history; forecasting starts after 34 min" in result.condition_message
 
 
 async def test_a_query_of_only_nan_reports_no_data(prometheus: PrometheusServer, history: History) -> None:

@@ -10,6 +10,7 @@ import pytest
 from moe_operator.scaling.forecast import (
     BURST_RESERVE,
     LOCAL_TREND,
+    MIN_FOLDS,
     REACTIVE,
     RECENT_PEAK,
     SEASONAL_DAILY,
@@ -246,6 +247,20 @@ def test_min_history_is_one_horizon_of_level_one_of_outcome_and_ten_outcomes_for
     grid = Grid.of(60.0, 420.0, lead_seconds=300.0)
     assert grid.min_history == 7 + 7 + quantile_origins(0.9) == 24
     assert quantile_origins(0.9) == 10 and quantile_origins(0.95) == 20
+
+
+def test_scorable_history_adds_three_folds_of_outcomes_to_the_first_level() -> None:
+    grid = Grid.of(60.0, 420.0, lead_seconds=300.0)
+    assert grid.scorable_history == 7 + 7 - 1 + MIN_FOLDS * 7 == 34
+    assert Grid.of(60.0, 120.0).scorable_history == Grid.of(60.0, 120.0).min_history  # ten outcomes bind
+
+
+def test_below_scorable_history_the_backtest_scores_nothing_and_from_it_the_reserve_can_win() -> None:
+    grid = Grid.of(60.0, 420.0, lead_seconds=300.0)
+    # A burst every 5 minutes on a calm level: the reserve wins as soon as it can be scored at all.
+    y = np.tile([10.0, 10.0, 10.0, 10.0, 40.0], 40)
+    assert backtest_model(y[: grid.scorable_history - 1], grid).model == REACTIVE
+    assert backtest_model(y[: grid.scorable_history], grid).model == BURST_RESERVE
 
 
 def test_a_history_of_exactly_min_history_can_be_backtested() -> None:

@@ -11,7 +11,14 @@ import pytest
 from moe_operator.cli import main
 from moe_operator.scaling.forecast import BURST_RESERVE, MODELS
 from moe_operator.scaling.policy import PolicyError
-from moe_operator.scaling.simulate import POLICIES, SimulationConfig, forecast_schedule, simulate, write_schedule_csv
+from moe_operator.scaling.simulate import (
+    POLICIES,
+    SimulationConfig,
+    forecast_schedule,
+    simulate,
+    tick_origins,
+    write_schedule_csv,
+)
 from moe_operator.scaling.synthetic import bursty_daily
 from moe_operator.scaling.traces import Trace, format_rate_csv, from_rate_samples
 
@@ -93,10 +100,15 @@ def test_predictive_floor_rises_before_the_daily_jump() -> None:
     assert result.ready[window].mean() > reactive.ready[window].mean()
 
 
-def test_forecast_schedule_reports_insufficient_history_before_the_first_backtest() -> None:
-    schedule = forecast_schedule(office_trace(days=1), SimulationConfig(5.0, 300, 0.7, 1, 100))
-    assert schedule.models[0] == "insufficient-history"
-    assert not schedule.uses_floor[0]
+def test_forecast_schedule_reports_insufficient_history_until_a_model_can_be_scored() -> None:
+    config = SimulationConfig(5.0, 300, 0.7, 1, 100)
+    schedule = forecast_schedule(office_trace(days=1), config)
+    origins = tick_origins(schedule.tick_times, config.step_seconds)
+    young = origins < config.grid.scorable_history
+    assert young.any() and (origins[young] >= config.grid.min_history).any()  # backtested, yet unscorable
+    assert {schedule.models[i] for i in np.flatnonzero(young)} == {"insufficient-history"}
+    assert not schedule.uses_floor[young].any()
+    assert "insufficient-history" not in {schedule.models[i] for i in np.flatnonzero(~young)}
 
 
 def test_schedule_csv_has_one_row_per_fifteen_seconds(tmp_path: Path) -> None:
