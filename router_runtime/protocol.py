@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 INPUT_NAME = "hidden_states"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -84,17 +85,26 @@ def parse_header_length(value: str | None, body_size: int) -> int | None:
     return length
 
 
-def _json_object(raw: bytes | bytearray) -> dict[str, Any]:
+def _json_object(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
-        document = json.loads(raw)
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # orjson is strict (UTF-8 only, no NaN literals, 64-bit integers, nesting up to 1024): what it
+        # refuses goes to the standard parser, which accepts it as before or says precisely what is wrong.
+        document = _lenient_json(bytes(raw))
+    _require(isinstance(document, dict), "the inference request must be a JSON object")
+    return document
+
+
+def _lenient_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
     except UnicodeDecodeError as exc:
         raise ProtocolError(400, f"malformed JSON: the request is not UTF-8 ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise ProtocolError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise ProtocolError(400, "malformed JSON: nested too deeply") from None
-    _require(isinstance(document, dict), "the inference request must be a JSON object")
-    return document
 
 
 def _parameters(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -155,8 +165,7 @@ def decode_infer_request(
     """
     _require(len(body) > 0, "empty request body: expected an inference request JSON object")
     header = body if header_length is None else body[:header_length]
-    # json.loads takes bytes, not a memoryview; the header is small (the tensor stays where it is).
-    document = _json_object(header.tobytes() if isinstance(header, memoryview) else header)
+    document = _json_object(header)
     request_params = _parameters(document, "request")
     inputs = document.get("inputs")
     _require(isinstance(inputs, list) and len(inputs) > 0, "the request needs a non-empty 'inputs' list")
@@ -281,14 +290,14 @@ def encode_infer_response(
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"] = np.ascontiguousarray(array.reshape(-1))  # serialised by orjson, no Python floats
         entries.append(entry)
     document: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
     if request_id is not None:
         document["id"] = request_id
     if parameters:
         document["parameters"] = dict(parameters)
-    header = json.dumps(document, separators=(",", ":")).encode()
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return EncodedResponse(header, None)
     return EncodedResponse(header + b"".join(chunks), len(header))
@@ -314,18 +323,18 @@ def encode_request(
     else:
         document["parameters"] = {"binary_data_output": want_binary}
     if not binary:
-        tensor["data"] = array.reshape(-1).tolist()
-        return json.dumps(document, separators=(",", ":")).encode(), {"Content-Type": "application/json"}
+        tensor["data"] = array.reshape(-1)
+        return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY), {"Content-Type": "application/json"}
     raw = array.tobytes()
     tensor["parameters"] = {"binary_data_size": len(raw)}
-    header = json.dumps(document, separators=(",", ":")).encode()
+    header = orjson.dumps(document)
     return header + raw, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
 
 
 def decode_response(body: bytes, header_length: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Client side: the response document and its outputs as numpy arrays (JSON or binary)."""
     header = body if header_length is None else body[:header_length]
-    document = json.loads(header)
+    document = orjson.loads(header)
     arrays: dict[str, np.ndarray] = {}
     offset = header_length or 0
     for entry in document.get("outputs", []):

@@ -82,6 +82,8 @@ def test_per_output_binary_flag_is_honoured() -> None:
         (request([2, 4], [0] * 7), 400, "holds 7 values"),
         (request([2, 4], [[0, 1], [2]]), 400, "array of numbers"),
         (request([1, 4], [1e39, 0, 0, 0]), 400, "NaN or Inf"),
+        (request([1, 4], [float("nan"), 0, 0, 0]), 400, "NaN or Inf"),  # a NaN literal: not strict JSON
+        (b'{"inputs": [1, 2}', 400, "malformed JSON: Expecting ',' delimiter at line 1 column 17"),
         (request([1, 4], [0] * 4, outputs=[{"name": "logits"}]), 400, "unknown output 'logits'"),
         (request([1, 4], [0] * 4, id=5), 400, "'id' must be a string"),
         (typed("FP16"), 400, "wrong datatype 'FP16'"),
@@ -132,6 +134,29 @@ def test_response_round_trips_json_and_binary_outputs() -> None:
     assert arrays["expert_indices"].tolist() == [[1, -1]]
     assert arrays["expert_weights"].tolist() == [[1.0, 0.0]]
     assert encoded.content_type == "application/octet-stream"
+
+
+def test_json_in_utf16_is_decoded_as_before() -> None:
+    # The fast parser takes UTF-8 only; the standard one, its fall-back, detects UTF-16 by the BOM.
+    assert decode(request([1, 4], [0, 1, 2, 3]).decode().encode("utf-16")).tokens.tolist() == [[0, 1, 2, 3]]
+
+
+def test_integers_beyond_64_bits_are_accepted_as_numbers() -> None:
+    assert decode(request([1, 4], [2**70, 0, 0, 0])).tokens[0, 0] == np.float32(2**70)
+
+
+def test_json_float32_outputs_round_trip_exactly() -> None:
+    weights = np.random.default_rng(2).random((64, 2), dtype=np.float32)[::2]  # a non-contiguous view
+    encoded = encode_infer_response("m", "1", {"expert_weights": weights})
+    _, arrays = decode_response(encoded.body, encoded.json_header_length)
+    assert np.array_equal(arrays["expert_weights"], weights)
+
+
+def test_json_request_tensor_round_trips_exactly() -> None:
+    x = np.random.default_rng(3).standard_normal((3, 4), dtype=np.float32)
+    body, headers = encode_request(x, binary=False)
+    assert headers["Content-Type"] == "application/json"
+    assert np.array_equal(decode(body).tokens, x)
 
 
 def test_all_json_response_has_no_header_length() -> None:
