@@ -89,7 +89,7 @@ def _json_object(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        # orjson is strict (UTF-8 only, no NaN literals, 64-bit integers, nesting up to 1024): what it
+        # orjson is strict (UTF-8 only, no NaN literals or lone surrogates, nesting up to 1024): what it
         # refuses goes to the standard parser, which accepts it as before or says precisely what is wrong.
         document = _lenient_json(bytes(raw))
     _require(isinstance(document, dict), "the inference request must be a JSON object")
@@ -105,6 +105,29 @@ def _lenient_json(raw: bytes) -> Any:
         raise ProtocolError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise ProtocolError(400, "malformed JSON: nested too deeply") from None
+
+
+def _dumps(document: Mapping[str, Any]) -> bytes:
+    """Compact JSON of ``document``, numpy arrays included."""
+    try:
+        return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:
+        # What orjson cannot write (e.g. an id holding a lone surrogate, which the lenient parser let
+        # in) the standard encoder escapes, as before.
+        return json.dumps(document, separators=(",", ":"), default=_as_list).encode()
+
+
+def _as_list(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _loads(raw: bytes | bytearray | memoryview) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(raw))
 
 
 def _parameters(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -297,7 +320,7 @@ def encode_infer_response(
         document["id"] = request_id
     if parameters:
         document["parameters"] = dict(parameters)
-    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    header = _dumps(document)
     if not chunks:
         return EncodedResponse(header, None)
     return EncodedResponse(header + b"".join(chunks), len(header))
@@ -324,17 +347,17 @@ def encode_request(
         document["parameters"] = {"binary_data_output": want_binary}
     if not binary:
         tensor["data"] = array.reshape(-1)
-        return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY), {"Content-Type": "application/json"}
+        return _dumps(document), {"Content-Type": "application/json"}
     raw = array.tobytes()
     tensor["parameters"] = {"binary_data_size": len(raw)}
-    header = orjson.dumps(document)
+    header = _dumps(document)
     return header + raw, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
 
 
 def decode_response(body: bytes, header_length: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Client side: the response document and its outputs as numpy arrays (JSON or binary)."""
     header = body if header_length is None else body[:header_length]
-    document = orjson.loads(header)
+    document = _loads(header)
     arrays: dict[str, np.ndarray] = {}
     offset = header_length or 0
     for entry in document.get("outputs", []):

@@ -145,6 +145,16 @@ def test_integers_beyond_64_bits_are_accepted_as_numbers() -> None:
     assert decode(request([1, 4], [2**70, 0, 0, 0])).tokens[0, 0] == np.float32(2**70)
 
 
+def test_an_id_with_a_lone_surrogate_is_echoed_as_before() -> None:
+    # Valid JSON syntax that the fast parser refuses and the fast encoder cannot write back.
+    body = request([1, 4], [0, 1, 2, 3], id="a\ud800")
+    decoded = decode(body)
+    assert decoded.request_id == "a\ud800"
+    encoded = encode_infer_response("m", "1", {"num_experts": np.array([2], np.int64)}, request_id=decoded.request_id)
+    document, arrays = decode_response(encoded.body, encoded.json_header_length)
+    assert document["id"] == "a\ud800" and arrays["num_experts"].tolist() == [2]
+
+
 def test_json_float32_outputs_round_trip_exactly() -> None:
     weights = np.random.default_rng(2).random((64, 2), dtype=np.float32)[::2]  # a non-contiguous view
     encoded = encode_infer_response("m", "1", {"expert_weights": weights})
