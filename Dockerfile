@@ -16,7 +16,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # ---- build stage: the project sources, copied once for both images ----
 FROM base AS source
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
+COPY pyproject.toml constraints.txt README.md LICENSE ./
 COPY router_runtime/ router_runtime/
 COPY operator/ operator/
 

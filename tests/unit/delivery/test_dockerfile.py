@@ -131,7 +131,7 @@ def test_dockerignore_sends_only_the_sources() -> None:
     lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "**"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "constraints.txt", "README.md", "operator", "router_runtime"}
+    assert allowed == {"pyproject.toml", "constraints.txt", "README.md", "LICENSE", "operator", "router_runtime"}
     copied = {
         part.rstrip("/")
         for candidate in parsed()
