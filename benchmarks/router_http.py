@@ -13,7 +13,9 @@ tokens. For the binary tensor extension and for JSON tensors it measures
 and compares the binary saturation throughput with in-process ``DynamicRouter.route`` on 8192-token
 batches (the issue's target: >= 40 %, and p99 < 50 ms at half of saturation), and with this machine's
 ceiling: the CPU that moving the same bytes over loopback costs (raw TCP, measured) plus the routing at
-the in-process rate, i.e. what the cores could serve if HTTP and Python cost nothing. When Debian's ``wrk`` is
+the in-process rate, i.e. what the cores could serve if HTTP and Python cost nothing. At half of
+saturation it also reads the server's own latency histogram from ``/metrics``, to tell the server's
+tail from the open-loop generator's scheduling delays on the shared cores. When Debian's ``wrk`` is
 installed the binary saturation runs are repeated with ``wrk -t1`` (C, a Lua script posts the body),
 a lighter generator than Python. Each run also reports the CPU per request of the server (all its
 processes), of its event-loop threads and of the generator. Everything shares the machine's cores,
@@ -30,6 +32,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import resource
@@ -376,6 +379,32 @@ def in_process_tokens_per_s(threads: int) -> float:
     return 8192 / min(samples)
 
 
+def server_latency_buckets(port: int) -> dict[float, float]:
+    """The server's own ``moe_router_request_duration_seconds`` histogram: cumulative count by bucket bound."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    buckets: dict[float, float] = {}
+    pattern = r'^moe_router_request_duration_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)$'
+    for match in re.finditer(pattern, text, re.M):
+        bound = float(match.group(1))
+        buckets[bound] = buckets.get(bound, 0.0) + float(match.group(2))
+    return buckets
+
+
+def served_within(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """Share of the requests of a run that the server answered within 10, 25 and 50 ms, by its own clock.
+
+    Separates the server's latency from the load generator's: an open-loop client on the same cores
+    counts its own scheduling delays in the latency it reports.
+    """
+    total = after.get(math.inf, 0.0) - before.get(math.inf, 0.0)
+    if total <= 0:
+        return {}
+    return {f"<={bound * 1e3:g}ms": (after[bound] - before.get(bound, 0.0)) / total
+            for bound in (0.01, 0.025, 0.05) if bound in after}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -425,10 +454,12 @@ def serve_and_measure(args: argparse.Namespace, workers: int, wrk: str | None) -
                     ]  # fmt: skip
                 results += saturated
                 best = max(saturated, key=lambda r: r["req_per_s"])
+                before = server_latency_buckets(port)
                 half = measured(
                     pid, functools.partial(run_loadgen, port, mode, args.duration, rate=best["req_per_s"] / 2)
                 )
-                results.append(half | label | {"phase": "half saturation"})
+                within = served_within(before, server_latency_buckets(port))
+                results.append(half | label | {"phase": "half saturation", "server_within": within})
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -472,6 +503,10 @@ def bench(args: argparse.Namespace) -> int:
         "proc: server worker processes; srv/loop/gen ms/r: CPU per request of the whole server (all processes), "
         "of its event-loop threads, of the load generator"
     )
+    for r in results:
+        if r.get("server_within"):
+            shares = ", ".join(f"{bound} {share:.2%}" for bound, share in r["server_within"].items())
+            print(f"{r['mode']} {r['workers']} worker(s), half saturation, answered (server's own clock): {shares}")
     for workers in args.workers:
         binary = [r for r in results if r["mode"] == "binary" and r["workers"] == workers]
         if binary:
