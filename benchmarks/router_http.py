@@ -505,7 +505,7 @@ def bench(args: argparse.Namespace) -> int:
     )
     for r in results:
         if r.get("server_within"):
-            shares = ", ".join(f"{bound} {share:.2%}" for bound, share in r["server_within"].items())
+            shares = ", ".join(f"{limit} {share:.2%}" for limit, share in r["server_within"].items())
             print(f"{r['mode']} {r['workers']} worker(s), half saturation, answered (server's own clock): {shares}")
     for workers in args.workers:
         binary = [r for r in results if r["mode"] == "binary" and r["workers"] == workers]
