@@ -150,9 +150,6 @@ async def run_tick(
         return _failure(state, moment, UNAVAILABLE, message, active, settings, metrics, labels)
 
     state.consecutive_failures = 0
-    have = history.size * pred.step_seconds / 60.0
-    need = grid.scorable_history * pred.step_seconds / 60.0
-    too_young = f"{have:.0f} min of history; forecasting starts after {need:.0f} min (no floor until then)"
     if history.size < grid.min_history:
         applied = floor_on_success(state.floor, moment, settings.min_replicas, settings)
         prediction = PredictionStatus(
@@ -160,7 +157,8 @@ async def run_tick(
             applied_min_replicas=applied if active else None,
         )
         state.last_prediction = prediction
-        return TickResult(prediction, "False", INSUFFICIENT_HISTORY, too_young, applied if active else None)
+        message = _too_young(history.size, grid, pred.step_seconds)
+        return TickResult(prediction, "False", INSUFFICIENT_HISTORY, message, applied if active else None)
 
     try:
         choice = _current_choice(state, history, grid, pred.seasonality, settings.stabilization_seconds, moment)
@@ -203,8 +201,14 @@ async def run_tick(
         message += "; autoscaling.enabled is false, so there is no HPA to hold the floor on"
     if not choice.uses_floor and history.size < grid.scorable_history:
         # The backtest ran (it sets the refit schedule) but could score no model yet.
-        return TickResult(prediction, "False", INSUFFICIENT_HISTORY, too_young, applied if active else None)
+        message = _too_young(history.size, grid, pred.step_seconds)
+        return TickResult(prediction, "False", INSUFFICIENT_HISTORY, message, applied if active else None)
     return TickResult(prediction, "True", FORECASTING, message, applied if active else None)
+
+
+def _too_young(samples: int, grid: Grid, step_seconds: float) -> str:
+    have, need = samples * step_seconds / 60.0, grid.scorable_history * step_seconds / 60.0
+    return f"{have:.0f} min of history; forecasting starts after {need:.0f} min (no floor until then)"
 
 
 def _current_choice(
