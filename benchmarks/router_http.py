@@ -19,7 +19,9 @@ tail from the open-loop generator's scheduling delays on the shared cores. When 
 installed the binary saturation runs are repeated with ``wrk -t1`` (C, a Lua script posts the body),
 a lighter generator than Python. Each run also reports the CPU per request of the server (all its
 processes), of its event-loop threads and of the generator. Everything shares the machine's cores,
-unpinned. ``--workers`` repeats everything for each number of server processes (``serve --workers``).
+unpinned, unless ``--server-cpus`` and ``--client-cpus`` pin the server (and the in-process reference) and
+the load generators to separate CPUs; ``--device cuda`` routes on the GPU, in the server and the reference.
+``--workers`` repeats everything for each number of server processes (``serve --workers``).
 
     .venv/bin/python benchmarks/router_http.py [--duration 8] [--workers 1 2] [--modes binary json] [--no-wrk]
         [--json out.json]
@@ -43,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +55,11 @@ TOKENS_PER_REQUEST = 256
 MODEL = "moe-router"
 
 
-def server_config() -> dict[str, Any]:
+def server_config(device: str = "cpu") -> dict[str, Any]:
     return {
-        "router": {"modelName": MODEL, "inputDim": 768, "numExperts": 8, "minExperts": 1, "maxExperts": 2},
+        "router": {
+            "modelName": MODEL, "inputDim": 768, "numExperts": 8, "minExperts": 1, "maxExperts": 2, "device": device,
+        },
         "server": {"batching": {"maxBatchTokens": 8192, "maxDelayMs": 2.0, "maxQueueRequests": 1024}},
     }
 
@@ -144,7 +148,7 @@ async def open_loop(host: str, port: int, request: bytes, rate: float, duration:
             await asyncio.sleep(delay)
         tasks.append(asyncio.ensure_future(one(scheduled)))
     await asyncio.gather(*tasks)
-    return summary(latencies, errors, time.perf_counter() - started, rate=rate)
+    return summary(latencies, errors, time.perf_counter() - started, rate=rate) | {"latencies_s": latencies}
 
 
 def summary(latencies: list[float], errors: int, elapsed: float, **extra: float) -> dict[str, Any]:
@@ -170,6 +174,8 @@ def loadgen(args: argparse.Namespace) -> int:
     request = encoded_request(args.mode == "binary")
     if args.rate:
         result = asyncio.run(open_loop("127.0.0.1", args.port, request, args.rate, args.duration))
+        if not args.raw:
+            result.pop("latencies_s")
     else:
         result = asyncio.run(closed_loop("127.0.0.1", args.port, request, args.concurrency, args.duration))
     print(json.dumps(result))
@@ -219,12 +225,68 @@ def measured(server_pid: int, run: Callable[[], dict[str, Any]]) -> dict[str, An
     }
 
 
-def run_loadgen(port: int, mode: str, duration: float, concurrency: int = 0, rate: float = 0.0) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--loadgen", "--port", str(port), "--mode", mode]
-    command += ["--duration", str(duration), "--concurrency", str(concurrency), "--rate", str(rate)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
-    return result | {"generator": "python-asyncio"}
+Cpus = frozenset[int] | None
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """A CPU list as taskset writes it (``0-1,4``)."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return frozenset(cpus)
+
+
+def pin_child(cpus: Cpus) -> Callable[[], None] | None:
+    """A ``preexec_fn`` pinning a child process (and the processes it starts) to ``cpus``; None leaves it free."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+@contextlib.contextmanager
+def pinned(cpus: Cpus) -> Iterator[None]:
+    """Run this thread (and the threads it starts meanwhile) on ``cpus`` only."""
+    if not cpus:
+        yield
+        return
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
+#: Most requests/s one open-loop generator process sends on time: above it (0.3-0.5 ms of Python per request)
+#: it falls behind its schedule and sends bursts, which the latency it reports then counts.
+OPEN_LOOP_RATE_PER_PROCESS = 400.0
+
+
+def run_loadgen(
+    port: int, mode: str, duration: float, concurrency: int = 0, rate: float = 0.0, cpus: Cpus = None
+) -> dict[str, Any]:
+    """One measurement by Python generator processes: one closed loop, or an open loop split over enough
+    processes that each keeps its schedule (latencies merged before the percentiles are taken)."""
+    processes = max(1, math.ceil(rate / OPEN_LOOP_RATE_PER_PROCESS)) if rate else 1
+    command = [sys.executable, __file__, "--loadgen", "--port", str(port), "--mode", mode, "--raw"]
+    command += ["--duration", str(duration), "--concurrency", str(concurrency), "--rate", str(rate / processes)]
+    running = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=pin_child(cpus))
+        for _ in range(processes)
+    ]
+    parts = []
+    for process in running:
+        output, _ = process.communicate()
+        if process.returncode:
+            raise RuntimeError(f"load generator exited with {process.returncode}")
+        parts.append(json.loads(output.strip().splitlines()[-1]))
+    if not rate:
+        return parts[0] | {"generator": "python-asyncio"}
+    latencies = [latency for part in parts for latency in part["latencies_s"]]
+    elapsed = max(part["requests"] / part["req_per_s"] for part in parts if part["req_per_s"])
+    merged = summary(latencies, sum(part["errors"] for part in parts), elapsed, rate=rate)
+    return merged | {"generator": f"python-asyncio x{processes}"}
 
 
 WRK_SCRIPT = """
@@ -237,7 +299,7 @@ wrk.headers["Inference-Header-Content-Length"] = os.getenv("MOE_BENCH_HEADER_LEN
 """
 
 
-def run_wrk(wrk: str, port: int, duration: float, concurrency: int) -> dict[str, Any]:
+def run_wrk(wrk: str, port: int, duration: float, concurrency: int, cpus: Cpus = None) -> dict[str, Any]:
     """Closed loop with Debian's ``wrk`` (C, one thread): the binary request, ``concurrency`` connections."""
     from router_runtime.protocol import encode_request
 
@@ -252,7 +314,9 @@ def run_wrk(wrk: str, port: int, duration: float, concurrency: int) -> dict[str,
         }
         command = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency"]
         command += ["-s", str(Path(tmp) / "post.lua"), f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"]
-        output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+        output = subprocess.run(
+            command, check=True, capture_output=True, text=True, env=env, preexec_fn=pin_child(cpus)
+        ).stdout
     return parse_wrk(output) | {"concurrency": concurrency, "generator": "wrk"}
 
 
@@ -300,7 +364,9 @@ def transfer_serve(args: argparse.Namespace) -> int:
             messages += 1
 
 
-def loopback_transfer(request: bytes, reply_size: int, duration: float) -> dict[str, float]:
+def loopback_transfer(
+    request: bytes, reply_size: int, duration: float, server_cpus: Cpus = None, client_cpus: Cpus = None
+) -> dict[str, float]:
     """CPU per request of moving the bytes alone: blocking raw TCP over loopback, no HTTP, no Python per byte.
 
     One client (this thread) and one server process ping-pong the exact request bytes and a reply of the
@@ -308,12 +374,12 @@ def loopback_transfer(request: bytes, reply_size: int, duration: float) -> dict[
     machine pays for the same traffic, whatever its HTTP stack.
     """
     command = [sys.executable, __file__, "--transfer", str(len(request)), str(reply_size)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=pin_child(server_cpus))
     assert server.stdout is not None
     port = int(server.stdout.readline())
     reply = bytearray(reply_size)
     sent, start, stop_at = 0, time.thread_time(), time.perf_counter() + duration
-    with socket.create_connection(("127.0.0.1", port)) as connection:
+    with pinned(client_cpus), socket.create_connection(("127.0.0.1", port)) as connection:
         while time.perf_counter() < stop_at:
             connection.sendall(request)
             view, got = memoryview(reply), 0
@@ -342,16 +408,32 @@ def response_size() -> int:
     return len(encoded.body) + 200
 
 
-def ceiling(reference: float, threads: int, transfer: dict[str, float]) -> dict[str, float]:
+def ceiling(
+    reference: float,
+    threads: int,
+    transfer: dict[str, float],
+    device: str = "cpu",
+    server_cpus: Cpus = None,
+    client_cpus: Cpus = None,
+) -> dict[str, float]:
     """The most requests/s these cores could serve if HTTP parsing and Python cost nothing.
 
     Each request still costs the loopback transfer on both ends (measured) and the routing of its tokens
-    at the in-process rate (``threads`` cores busy for ``TOKENS_PER_REQUEST / reference`` seconds), and the
-    load generator shares the cores, as in the HTTP runs.
+    at the in-process rate (on the CPU: ``threads`` cores busy for ``TOKENS_PER_REQUEST / reference``
+    seconds; on a GPU: no CPU, but never more tokens/s than the in-process reference). Unpinned, the load
+    generator shares the cores, as in the HTTP runs; pinned, the server's and the generator's CPUs each
+    bound it.
     """
-    routing_ms = threads * TOKENS_PER_REQUEST / reference * 1e3
-    per_request_ms = transfer["client_cpu_ms"] + transfer["server_cpu_ms"] + routing_ms
-    req_per_s = (os.cpu_count() or 1) / per_request_ms * 1e3
+    routing_ms = threads * TOKENS_PER_REQUEST / reference * 1e3 if device == "cpu" else 0.0
+    if server_cpus and client_cpus:
+        req_per_s = min(
+            len(server_cpus) / (transfer["server_cpu_ms"] + routing_ms) * 1e3,
+            len(client_cpus) / transfer["client_cpu_ms"] * 1e3,
+        )
+    else:
+        per_request_ms = transfer["client_cpu_ms"] + transfer["server_cpu_ms"] + routing_ms
+        req_per_s = len(os.sched_getaffinity(0)) / per_request_ms * 1e3
+    req_per_s = min(req_per_s, reference / TOKENS_PER_REQUEST)
     return transfer | {
         "routing_cpu_ms": routing_ms,
         "req_per_s": req_per_s,
@@ -359,23 +441,27 @@ def ceiling(reference: float, threads: int, transfer: dict[str, float]) -> dict[
     }
 
 
-def in_process_tokens_per_s(threads: int) -> float:
+def in_process_tokens_per_s(threads: int, device: str = "cpu", cpus: Cpus = None) -> float:
+    """``DynamicRouter.route`` on 8192-token host batches (on a GPU: host-to-device copy and results back included)."""
     import torch
 
     from router_runtime.config import RouterConfig
     from router_runtime.router import DynamicRouter
 
-    torch.set_num_threads(threads)
-    router = DynamicRouter(RouterConfig.model_validate(server_config()["router"]))
-    x = torch.randn(8192, 768)
-    for _ in range(5):
-        router.route(x)
-    samples = []
-    for _ in range(15):
-        start = time.perf_counter()
+    with pinned(cpus):
+        torch.set_num_threads(threads)
+        router = DynamicRouter(RouterConfig.model_validate(server_config(device)["router"]))
+        # The server's batch buffer: pinned host memory when the router is on a GPU.
+        x = torch.from_numpy(router.host_array((8192, 768), np.dtype(np.float32)))
+        x.copy_(torch.randn(8192, 768))
         for _ in range(5):
             router.route(x)
-        samples.append((time.perf_counter() - start) / 5)
+        samples = []
+        for _ in range(15):
+            start = time.perf_counter()
+            for _ in range(5):
+                router.route(x)
+            samples.append((time.perf_counter() - start) / 5)
     return 8192 / min(samples)
 
 
@@ -420,11 +506,11 @@ def serve_and_measure(args: argparse.Namespace, workers: int, wrk: str | None) -
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "router.yaml"
-        config_file.write_text(RuntimeFileConfig.model_validate(server_config()).to_yaml())
+        config_file.write_text(RuntimeFileConfig.model_validate(server_config(args.device)).to_yaml())
         server = subprocess.Popen(
             [sys.executable, "-m", "router_runtime", "serve", "--config", str(config_file), "--host", "127.0.0.1",
              "--port", str(port), "--log-level", "warning", "--workers", str(workers)],
-            env=os.environ | {"TMPDIR": tmp},
+            env=os.environ | {"TMPDIR": tmp}, preexec_fn=pin_child(args.server_cpus),
         )  # fmt: skip
         try:
             wait_ready(f"http://127.0.0.1:{port}", timeout=120)
@@ -437,26 +523,28 @@ def serve_and_measure(args: argparse.Namespace, workers: int, wrk: str | None) -
                         raise RuntimeError(f"not all {workers} workers started")
                     time.sleep(0.2)
                 time.sleep(1.0)
-            run_loadgen(port, "binary", 1.0, concurrency=16)  # warm-up: first batches, allocator, caches
+            client = args.client_cpus
+            run_loadgen(port, "binary", 1.0, concurrency=16, cpus=client)  # warm-up: first batches, allocator, caches
             pid = server.pid
             for mode in args.modes:
                 label = {"mode": mode, "workers": workers}
                 saturated = [
-                    measured(pid, functools.partial(run_loadgen, port, mode, args.duration, concurrency=c))
+                    measured(pid, functools.partial(run_loadgen, port, mode, args.duration, concurrency=c, cpus=client))
                     | label | {"phase": "saturation"}
                     for c in args.concurrency
                 ]  # fmt: skip
                 if mode == "binary" and wrk:
                     saturated += [
-                        measured(pid, functools.partial(run_wrk, wrk, port, args.duration, c))
+                        measured(pid, functools.partial(run_wrk, wrk, port, args.duration, c, client))
                         | label | {"phase": "saturation"}
                         for c in args.concurrency
                     ]  # fmt: skip
                 results += saturated
                 best = max(saturated, key=lambda r: r["req_per_s"])
                 before = server_latency_buckets(port)
+                half_rate = best["req_per_s"] / 2
                 half = measured(
-                    pid, functools.partial(run_loadgen, port, mode, args.duration, rate=best["req_per_s"] / 2)
+                    pid, functools.partial(run_loadgen, port, mode, args.duration, rate=half_rate, cpus=client)
                 )
                 within = served_within(before, server_latency_buckets(port))
                 results.append(half | label | {"phase": "half saturation", "server_within": within})
@@ -469,24 +557,35 @@ def serve_and_measure(args: argparse.Namespace, workers: int, wrk: str | None) -
 def bench(args: argparse.Namespace) -> int:
     load = os.getloadavg()[0]
     wrk = None if args.no_wrk else shutil.which("wrk")
+    if args.server_cpus and args.client_cpus:
+        placement = (
+            f"server and in-process reference pinned to CPUs {sorted(args.server_cpus)}, load generators to "
+            f"{sorted(args.client_cpus)}"
+        )
+    else:
+        placement = "server, load generator and in-process reference all share them, no pinning"
     print(
-        f"machine: {os.cpu_count()} cores (server, load generator and in-process reference all share them, "
-        f"no pinning), load average {load:.2f}; {TOKENS_PER_REQUEST} tokens/request; load generators: "
+        f"machine: {os.cpu_count()} cores ({placement}), load average {load:.2f}; router on {args.device}; "
+        f"{TOKENS_PER_REQUEST} tokens/request; load generators: "
         f"python-asyncio{' and wrk' if wrk else (' (wrk skipped)' if args.no_wrk else ' (wrk not installed)')}"
     )
-    before = in_process_tokens_per_s(args.threads)
+    before = in_process_tokens_per_s(args.threads, args.device, args.server_cpus)
     results: list[dict[str, Any]] = []
     for workers in args.workers:
         results += serve_and_measure(args, workers, wrk)
     # The faster of two in-process measurements (before and after the load), so the ratio is not flattered.
-    reference = max(before, in_process_tokens_per_s(args.threads))
-    print(f"in-process DynamicRouter.route, T=8192, {args.threads} threads: {reference / 1e6:.3f} M tokens/s (best)")
-    bound = ceiling(reference, args.threads, loopback_transfer(encoded_request(True), response_size(), 3.0))
+    reference = max(before, in_process_tokens_per_s(args.threads, args.device, args.server_cpus))
+    print(
+        f"in-process DynamicRouter.route on {args.device}, T=8192, {args.threads} threads: "
+        f"{reference / 1e6:.3f} M tokens/s (best)"
+    )
+    transfer = loopback_transfer(encoded_request(True), response_size(), 3.0, args.server_cpus, args.client_cpus)
+    bound = ceiling(reference, args.threads, transfer, args.device, args.server_cpus, args.client_cpus)
     print(
         f"ceiling with free HTTP and Python: loopback transfer {bound['client_cpu_ms']:.3f} ms (sender) + "
         f"{bound['server_cpu_ms']:.3f} ms (receiver) of CPU per request, routing {bound['routing_cpu_ms']:.3f} ms "
         f"-> at most {bound['req_per_s']:.0f} req/s = {bound['tokens_per_s'] / 1e6:.3f} M tokens/s "
-        f"= {bound['tokens_per_s'] / reference:.1%} of in-process on these {os.cpu_count()} cores"
+        f"= {bound['tokens_per_s'] / reference:.1%} of in-process"
     )
     columns = ("conc/rate", "req/s", "Mtok/s", "p50 ms", "p99 ms", "errors", "srv ms/r", "loop ms/r", "gen ms/r")
     print(f"{'mode':<7} {'proc':>4} {'phase':<16} {'generator':<15}" + " ".join(f"{c:>9}" for c in columns))
@@ -517,7 +616,14 @@ def bench(args: argparse.Namespace) -> int:
                 f"{best_binary['tokens_per_s'] / bound['tokens_per_s']:.1%} of the ceiling"
             )
     if args.json:
-        document = {"in_process_tokens_per_s": reference, "ceiling": bound, "results": results}
+        document = {
+            "device": args.device,
+            "server_cpus": sorted(args.server_cpus or []),
+            "client_cpus": sorted(args.client_cpus or []),
+            "in_process_tokens_per_s": reference,
+            "ceiling": bound,
+            "results": results,
+        }
         args.json.write_text(json.dumps(document, indent=2))
     return 0
 
@@ -532,11 +638,17 @@ def main() -> int:
     )
     parser.add_argument("--modes", nargs="+", choices=["binary", "json"], default=["binary", "json"])
     parser.add_argument("--no-wrk", action="store_true", help="skip wrk even when it is installed")
+    parser.add_argument("--device", default="cpu", help="router.device of the server and the reference (cpu, cuda)")
+    parser.add_argument(
+        "--server-cpus", type=parse_cpus, help="pin the server and the in-process reference to these CPUs (0-1)"
+    )
+    parser.add_argument("--client-cpus", type=parse_cpus, help="pin the load generators to these CPUs (2-5)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["binary", "json"], help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--transfer", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.transfer:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +55,14 @@ def static_gate(x: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Te
     return values / values.sum(-1, keepdim=True), indices
 
 
+def static_gate_on_device(
+    x: torch.Tensor, weight: torch.Tensor, k: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The baseline under the served contract on a GPU: host activations in, decisions back on the host."""
+    values, indices = static_gate(x.to(device, non_blocking=True), weight, k)
+    return values.cpu(), indices.cpu()
+
+
 def time_interleaved(
     candidates: dict[str, Callable[[], object]], min_seconds: float, repeats: int
 ) -> dict[str, tuple[float, float]]:
@@ -80,7 +89,7 @@ def time_interleaved(
     return {name: (min(values), statistics.median(values)) for name, values in samples.items()}
 
 
-def run(threads: int, min_seconds: float, repeats: int, kernel: str) -> list[dict[str, object]]:
+def run(threads: int, min_seconds: float, repeats: int, kernel: str, device: str = "cpu") -> list[dict[str, object]]:
     torch.set_num_threads(threads)
     rows: list[dict[str, object]] = []
     for d, e, k_max in SHAPES:
@@ -96,14 +105,20 @@ def run(threads: int, min_seconds: float, repeats: int, kernel: str) -> list[dic
                         "strategy": s,
                         "topP": 0.9,
                         "kernel": kernel,
+                        "device": device,
                     }
                 )
                 for s in STRATEGIES
             }
             routers = {s: DynamicRouter(c) for s, c in configs.items()}
+            # On a GPU the activations sit in pinned host memory, as in the server's batch buffer.
+            x = torch.from_numpy(routers["top_k"].host_array(tuple(x.shape), np.dtype(np.float32))).copy_(x)
             baseline = f"static top-{k_max} gate (baseline)"
+            gate = routers["top_k"].gate_weight
             candidates: dict[str, Callable[[], object]] = {
-                baseline: functools.partial(static_gate, x, routers["top_k"].gate_weight, k_max)
+                baseline: functools.partial(static_gate, x, gate, k_max)
+                if device == "cpu"
+                else functools.partial(static_gate_on_device, x, gate, k_max, gate.device)
             }
             candidates |= {s: functools.partial(r.route, x) for s, r in routers.items()}
             timings = time_interleaved(candidates, min_seconds, repeats)
@@ -141,15 +156,23 @@ def main() -> int:
     parser.add_argument(
         "--kernel", choices=("auto", "fused", "torch"), default="auto", help="the routers' post-gate implementation"
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="router.device (cpu, cuda): on a GPU the activations start on the host and the decisions come back "
+        "to it, for the routers and the baseline alike (the served path)",
+    )
     args = parser.parse_args()
     min_seconds, repeats = (0.03, 5) if args.quick else (0.06, 21)
     print(
         f"machine: {cpu_model()}, {os.cpu_count()} cores, {args.threads} torch threads, torch {torch.__version__}, "
         f"python {platform.python_version()}, load average before {os.getloadavg()[0]:.2f}"
     )
-    fused = args.kernel == "fused" or (args.kernel == "auto" and kernels.AVAILABLE)
-    print(f"router kernel: {f'fused (numba {kernels.numba.__version__})' if fused else 'torch ops'}")
-    rows = run(args.threads, min_seconds, repeats, args.kernel)
+    fused = args.device == "cpu" and (args.kernel == "fused" or (args.kernel == "auto" and kernels.AVAILABLE))
+    print(f"router kernel: {f'fused (numba {kernels.numba.__version__})' if fused else 'torch ops'} on {args.device}")
+    if args.device != "cpu":
+        print(f"GPU: {torch.cuda.get_device_name(torch.device(args.device))}")
+    rows = run(args.threads, min_seconds, repeats, args.kernel, args.device)
     print(f"load average after: {os.getloadavg()[0]:.2f} (other processes on the machine skew the figures)")
     columns = f"{'kmax':>4} {'mean k':>6} {'best ms':>8} {'med ms':>8} {'Mtok/s':>7} {'vs base':>7}"
     print(f"{'d':>5} {'E':>3} {'T':>5}  {'router':<30} {columns}")

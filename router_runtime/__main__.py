@@ -20,7 +20,13 @@ def _serve(args: argparse.Namespace) -> int:
     # Idle OpenMP workers must sleep, not spin: between small batches spinning threads starve the event
     # loop (measured: 3x less server CPU per request). Read once when torch loads, so set it first.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from router_runtime.process import cgroup_cpu_limit, resolve_api_key, resolve_workers, threads_per_worker
+    from router_runtime.process import (
+        cgroup_cpu_limit,
+        resolve_api_key,
+        resolve_workers,
+        threads_per_worker,
+        usable_cpus,
+    )
     from router_runtime.workers import serve_workers
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -32,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.config is None and not os.environ.get(CONFIG_PATH_ENV):
         logging.getLogger("router_runtime").info("no config file given: serving the embedded defaults")
-    cpu_limit, cpu_count = cgroup_cpu_limit(), os.cpu_count() or 1
+    cpu_limit, cpu_count = cgroup_cpu_limit(), usable_cpus()
     setting = args.workers if args.workers is not None else config.server.workers
     workers = resolve_workers(setting, cpu_limit, cpu_count)
     if workers > 1:

@@ -57,7 +57,7 @@ def apply_capacity(
     grouped_expert = flat_expert[order].to(torch.int64)
     group_size = torch.bincount(grouped_expert, minlength=num_experts + 1)
     group_start = group_size.cumsum(0) - group_size
-    rank_in_group = torch.arange(order.numel()) - group_start[grouped_expert]
+    rank_in_group = torch.arange(order.numel(), device=order.device) - group_start[grouped_expert]
     rank = torch.empty_like(rank_in_group)
     rank[order] = rank_in_group
     keep = selected & (rank.reshape(tokens, slots) < capacity)

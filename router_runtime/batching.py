@@ -29,6 +29,12 @@ Result = TypeVar("Result")
 BatchProcessor = Callable[[np.ndarray, Sequence[int]], Sequence[Result]]
 #: ``validate(tokens [T, d])`` of one request on the worker thread: the exception to fail it with, or None.
 Validator = Callable[[np.ndarray], Exception | None]
+#: ``allocate(shape, dtype)``: the batch buffer (pinned host memory when the router copies it to a GPU).
+Allocator = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+
+def _host_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.empty(shape, dtype=dtype)
 
 
 class Overloaded(Exception):
@@ -63,11 +69,13 @@ class DynamicBatcher(Generic[Result]):
         max_delay_s: float,
         max_queue_requests: int,
         validate: Validator | None = None,
+        allocate: Allocator = _host_array,
     ) -> None:
         if max_batch_tokens < 1 or max_queue_requests < 1 or max_delay_s < 0:
             raise ValueError("max_batch_tokens and max_queue_requests must be >= 1 and max_delay_s >= 0")
         self._process = process
         self._validate = validate
+        self._allocate = allocate
         self.max_batch_tokens = max_batch_tokens
         self.max_delay_s = max_delay_s
         self.max_queue_requests = max_queue_requests
@@ -189,7 +197,7 @@ class DynamicBatcher(Generic[Result]):
         shape = (rows, *first.shape[1:])
         slab = self._slab
         if slab is None or slab.dtype != first.dtype or slab.shape[1:] != shape[1:] or slab.shape[0] < rows:
-            slab = np.empty((max(rows, self.max_batch_tokens), *shape[1:]), dtype=first.dtype)
+            slab = self._allocate((max(rows, self.max_batch_tokens), *shape[1:]), first.dtype)
             self._slab = slab
         sizes: list[int] = []
         end = 0

@@ -117,6 +117,12 @@ class RouterConfig(CamelModel):
         description="Post-gate routing code: fused (compiled passes over the rows, needs numba), torch "
         "(a chain of torch ops), or auto (fused when numba is installed). Both give the same decisions.",
     )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$",
+        description="Where the gate and the expert FFNs run: cpu, cuda, cuda:N, or auto (the first CUDA GPU "
+        "torch sees, else cpu). Results come back to the host either way; the fused kernel is CPU-only.",
+    )
     load_balancing: LoadBalancingConfig = Field(default_factory=LoadBalancingConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)

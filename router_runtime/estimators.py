@@ -22,7 +22,10 @@ def top_p_counts(ordered_probs: torch.Tensor, top_p: float, k_min: int, k_max: i
     """
     slots = min(ordered_probs.shape[-1], k_max)
     if slots <= 1:
-        return torch.full(ordered_probs.shape[:-1], max(k_min, 1), dtype=torch.int64).clamp_(max=k_max)
+        fill = max(k_min, 1)
+        return torch.full(ordered_probs.shape[:-1], fill, dtype=torch.int64, device=ordered_probs.device).clamp_(
+            max=k_max
+        )
     if slots == 2:
         # bool + int promotes to int64: k = 1 + [p_1 < top_p] in two ops.
         counts = (ordered_probs[..., 0] < top_p) + 1
@@ -118,8 +121,9 @@ class ComplexityCalibrator:
             self.update(raw)
         span = k_max - k_min + 1
         if span == 1:
-            return torch.full(raw.shape, k_min, dtype=torch.int64)
-        counts = torch.bucketize(raw.to(torch.float32), torch.from_numpy(self.boundaries(span)), right=True)
+            return torch.full(raw.shape, k_min, dtype=torch.int64, device=raw.device)
+        boundaries = torch.from_numpy(self.boundaries(span)).to(raw.device)
+        counts = torch.bucketize(raw.to(torch.float32), boundaries, right=True)
         return counts.add_(k_min) if k_min else counts
 
     def boundaries(self, span: int) -> np.ndarray:

@@ -45,6 +45,14 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     return None
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (a cpuset, the static CPU manager, taskset), not the node's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity API on this platform
+        return os.cpu_count() or 1
+
+
 def resolve_workers(setting: int, cpu_limit: int | None, cpu_count: int) -> int:
     """Worker processes for ``server.workers``: itself when set, else the CPU limit (1 without one)."""
     if setting > 0:

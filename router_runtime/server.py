@@ -37,6 +37,7 @@ from router_runtime.config import RuntimeFileConfig
 from router_runtime.metrics import CONTENT_TYPE, RuntimeMetrics
 from router_runtime.process import cgroup_cpu_limit as cgroup_cpu_limit
 from router_runtime.process import resolve_api_key as resolve_api_key
+from router_runtime.process import usable_cpus
 from router_runtime.protocol import (
     HEADER_LENGTH,
     INPUT_NAME,
@@ -266,6 +267,7 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
         max_queue_requests=batching.max_queue_requests,
         # On the worker, right after the copy into the batch, where the tensor is in cache (see batching).
         validate=non_finite_error,
+        allocate=model.host_array,
     )
 
     @asynccontextmanager
@@ -548,16 +550,17 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
 
 
 def fit_threads_to_cpu_limit() -> None:
-    """Use no more torch threads than the pod's CPU limit unless OMP_NUM_THREADS says otherwise.
+    """Use no more torch threads than the pod's CPU limit or affinity mask unless OMP_NUM_THREADS says otherwise.
 
     torch sizes its pool from the node's cores; in a pod limited to 2 CPUs on a 64-core node that
     oversubscribes the quota and throttles every batch.
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return
-    limit = cgroup_cpu_limit()
-    if limit is not None and limit < torch.get_num_threads():
-        log.info("CPU limit is %d: using %d torch threads instead of %d", limit, limit, torch.get_num_threads())
+    quota = cgroup_cpu_limit()
+    limit = min(quota, usable_cpus()) if quota is not None else usable_cpus()
+    if limit < torch.get_num_threads():
+        log.info("%d usable CPUs: using %d torch threads instead of %d", limit, limit, torch.get_num_threads())
         torch.set_num_threads(limit)
 
 

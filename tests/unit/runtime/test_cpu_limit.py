@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-from router_runtime.process import resolve_workers, threads_per_worker
+from router_runtime.process import resolve_workers, threads_per_worker, usable_cpus
 from router_runtime.server import cgroup_cpu_limit
 
 
@@ -56,3 +59,15 @@ def test_an_explicit_worker_count_shares_out_the_cpus() -> None:
     assert resolve_workers(3, cpu_limit=8, cpu_count=64) == 3
     assert threads_per_worker(3, cpu_limit=8, cpu_count=64) == 2
     assert threads_per_worker(4, cpu_limit=2, cpu_count=64) == 1
+
+
+def test_usable_cpus_follow_the_affinity_mask_not_the_node() -> None:
+    # A process pinned to one CPU (a cpuset, the static CPU manager, taskset) must size itself for one.
+    script = "from router_runtime.process import usable_cpus; print(usable_cpus())"
+    pinned = subprocess.run(
+        [sys.executable, "-c", script],
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert pinned.stdout.strip() == "1"
+    assert usable_cpus() == len(os.sched_getaffinity(0))

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not inst
 
 def config(kernel: str, **fields: Any) -> RouterConfig:
     base: dict[str, Any] = {"inputDim": 32, "numExperts": 8, "minExperts": 1, "maxExperts": 3, "strategy": "top_p"}
-    return RouterConfig.model_validate(base | fields | {"kernel": kernel})
+    # The CPU kernels compared with each other: on a GPU machine "auto" would put the torch path on the GPU.
+    return RouterConfig.model_validate(base | fields | {"kernel": kernel, "device": "cpu"})
 
 
 def pair(**fields: Any) -> tuple[DynamicRouter, DynamicRouter]:

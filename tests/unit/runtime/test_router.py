@@ -23,7 +23,8 @@ from router_runtime.router import FUSED_SOFTMAX_MIN_EXPERTS, DynamicRouter, soft
 
 
 def config(**fields: object) -> RouterConfig:
-    base: dict[str, object] = {"inputDim": 16, "numExperts": 8, "minExperts": 1, "maxExperts": 4}
+    # CPU semantics, checked against CPU references; test_router_cuda checks that a GPU router decides alike.
+    base: dict[str, object] = {"inputDim": 16, "numExperts": 8, "minExperts": 1, "maxExperts": 4, "device": "cpu"}
     base.update(fields)
     return RouterConfig.model_validate(base)
 
