@@ -26,6 +26,9 @@ QUERY_FAILED = "QueryFailed"
 NO_DATA = "QueryReturnedNoData"
 #: Window of ``rate()`` in the default query: four scrapes at the default 30 s interval.
 DEFAULT_RATE_WINDOW = "2m"
+#: Prometheus refuses a range query of more than 11,000 points per series ("exceeded maximum resolution"):
+#: a longer lookback (8 days at 60 s is 11,521) is fetched in consecutive windows of at most this many.
+MAX_POINTS_PER_QUERY = 11_000
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,14 @@ class RangeResult:
 
 
 def default_query(name: str, namespace: str) -> str:
-    """Request rate (requests/s) of one MoERouter's runtime pods, summed over pods and status codes."""
+    """Request rate (requests/s) of one MoERouter's runtime pods, summed over pods and status codes.
+
+    Selected by the ``moerouter`` label, which both the per-router ServiceMonitor and the chart's
+    PodMonitor set from the pods' ``moerouter.io/router`` label (a ``service`` label exists only with the former).
+    """
     return (
         f'sum(rate(moe_router_requests_total{{namespace="{_escape(namespace)}",'
-        f'service="{_escape(name)}"}}[{DEFAULT_RATE_WINDOW}]))'
+        f'moerouter="{_escape(name)}"}}[{DEFAULT_RATE_WINDOW}]))'
     )
 
 
@@ -81,6 +88,18 @@ def _escape(value: str) -> str:
 def align_end(now: float, step: float) -> float:
     """The last grid point at or before ``now`` (a stable grid keeps successive fetches comparable)."""
     return math.floor(now / step) * step
+
+
+def query_windows(
+    start: float, end: float, step: float, max_points: int = MAX_POINTS_PER_QUERY
+) -> list[tuple[float, float]]:
+    """``[start, end]`` on the ``step`` grid cut into consecutive windows of at most ``max_points`` points each."""
+    points = round((end - start) / step) + 1
+    windows = []
+    for first in range(0, points, max_points):
+        last = min(points, first + max_points) - 1
+        windows.append((start + first * step, start + last * step))
+    return windows
 
 
 def to_grid(result: Sequence[Mapping[str, Any]], start: float, end: float, step: float) -> RangeResult:
@@ -104,7 +123,8 @@ def to_grid(result: Sequence[Mapping[str, Any]], start: float, end: float, step:
     if not seen.any():
         detail = "an empty result" if not result else "only NaN or infinite samples"
         raise PrometheusQueryError(NO_DATA, f"the query returned {detail} over the lookback window")
-    return RangeResult(start, step, np.where(seen, total, np.nan), len(result))
+    labels = {tuple(sorted(series.get("metric", {}).items())) for series in result}
+    return RangeResult(start, step, np.where(seen, total, np.nan), len(labels))
 
 
 @contextmanager
@@ -125,7 +145,8 @@ def fetch_range(
     url: str, query: str, *, end: float, lookback_seconds: float, step_seconds: float,
     timeout_seconds: float, auth: PrometheusAuth | None = None,
 ) -> RangeResult:
-    """``query_range`` over ``[end - lookback, end]`` at ``step`` (``end`` aligned to the step).
+    """``query_range`` over ``[end - lookback, end]`` at ``step`` (``end`` aligned to the step), in as many
+    consecutive windows as Prometheus's 11,000-points limit needs (two for the default 8 days at 60 s).
 
     Raises PrometheusQueryError: PrometheusUnavailable (connection refused, DNS, TLS, timeout),
     QueryFailed (HTTP error status, bad PromQL, unparsable answer), QueryReturnedNoData.
@@ -147,13 +168,19 @@ def fetch_range(
             retry=Retry(total=0), timeout=math.ceil(timeout_seconds),
         )
         try:
-            result = client.custom_query_range(
-                query,
-                start_time=datetime.fromtimestamp(start, tz=UTC),
-                end_time=datetime.fromtimestamp(end, tz=UTC),
-                step=f"{step_seconds:g}s",
-                params={"timeout": f"{timeout_seconds:g}s"},
-            )
+            result = []
+            for first, last in query_windows(start, end, step_seconds):
+                window = client.custom_query_range(
+                    query,
+                    start_time=datetime.fromtimestamp(first, tz=UTC),
+                    end_time=datetime.fromtimestamp(last, tz=UTC),
+                    step=f"{step_seconds:g}s",
+                    params={"timeout": f"{timeout_seconds:g}s"},
+                )
+                if not isinstance(window, list):
+                    message = f"Prometheus at {url} answered a {type(window).__name__}, not a matrix"
+                    raise PrometheusQueryError(QUERY_FAILED, message)
+                result.extend(window)
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise PrometheusQueryError(UNAVAILABLE, f"cannot reach Prometheus at {url}: {_first_line(exc)}") from None
         except PrometheusApiClientException as exc:
@@ -163,9 +190,6 @@ def fetch_range(
         except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
             message = f"unusable answer from Prometheus at {url}: {_first_line(exc)}"
             raise PrometheusQueryError(QUERY_FAILED, message) from None
-    if not isinstance(result, list):
-        message = f"Prometheus at {url} answered a {type(result).__name__}, not a matrix"
-        raise PrometheusQueryError(QUERY_FAILED, message)
     return to_grid(result, start, end, step_seconds)
 
 

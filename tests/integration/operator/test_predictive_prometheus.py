@@ -57,7 +57,7 @@ async def test_the_hpa_floor_rises_ahead_of_a_daily_ramp(tmp_path):
     times = np.arange(now - 6 * DAY, now, STEP)
     rates = office_hours(times, rise_at=now + RISE_IN_SECONDS)
     assert rates[-1] < 1.1 * LOW  # reactive scaling sees only the night-time load
-    labels = {"namespace": "default", "service": "demo-router"}
+    labels = {"namespace": "default", "service": "demo-router", "moerouter": "demo-router"}
     with start_prometheus(tmp_path / "prom", [SeriesSpec(labels, times.tolist(), rates.tolist())]) as prometheus:
         async with cluster(tmp_path) as k8s:
             await k8s.apply_router(predictive_router(prometheus.url))
@@ -89,7 +89,7 @@ async def test_a_prometheus_outage_holds_the_floor_for_the_grace_period_then_dec
     now = time.time()
     times = np.arange(now - 6 * DAY, now, STEP)
     rates = office_hours(times, rise_at=now + RISE_IN_SECONDS)
-    labels = {"namespace": "default", "service": "demo-router"}
+    labels = {"namespace": "default", "service": "demo-router", "moerouter": "demo-router"}
     body = predictive_router("")
     predictive = body["spec"]["autoscaling"]["predictive"]
     predictive.update(gracePeriodSeconds=20, scaleDownStabilizationSeconds=20)

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from moe_operator.api import MoERouterSpec, parse_spec
 from moe_operator.scaling.controller import PredictiveState, TickResult, run_tick
 from moe_operator.scaling.metrics import ScalingMetrics
+from moe_operator.scaling.prometheus import default_query, fetch_range
 from moe_operator.scaling.traces import Trace, read_trace
 from tests.support.prometheus import PrometheusServer, SeriesSpec, prometheus_missing, start_prometheus
 
@@ -69,15 +70,15 @@ def history() -> History:
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory, history: History) -> Iterator[PrometheusServer]:
-    labels = {"namespace": NAMESPACE, "service": ROUTER, "pod": f"{ROUTER}-0"}
+    labels = {"namespace": NAMESPACE, "service": ROUTER, "moerouter": ROUTER, "pod": f"{ROUTER}-0"}
     fresh_end = history.times[-1]
     fresh_times = np.arange(fresh_end - 1200, fresh_end, 60.0)
     young_times = np.arange(fresh_end - 1800, fresh_end, 60.0)
     series = [
         SeriesSpec(labels, history.times, history.rates),
-        SeriesSpec({"namespace": NAMESPACE, "service": FRESH, "pod": f"{FRESH}-0"}, fresh_times,
+        SeriesSpec({"namespace": NAMESPACE, "service": FRESH, "moerouter": FRESH, "pod": f"{FRESH}-0"}, fresh_times,
                    np.full(fresh_times.size, 3.0)),
-        SeriesSpec({"namespace": NAMESPACE, "service": YOUNG, "pod": f"{YOUNG}-0"}, young_times,
+        SeriesSpec({"namespace": NAMESPACE, "service": YOUNG, "moerouter": YOUNG, "pod": f"{YOUNG}-0"}, young_times,
                    np.random.default_rng(0).lognormal(1.0, 0.5, young_times.size)),
     ]
     with start_prometheus(tmp_path_factory.mktemp("prometheus"), series) as server:
@@ -215,3 +216,15 @@ async def test_forecast_only_mode_reports_without_holding_a_floor(
     assert metrics.predicted_load.labels(NAMESPACE, ROUTER)._value.get() == pytest.approx(
         result.prediction.predicted_load, rel=1e-5
     )
+
+
+def test_the_default_eight_day_lookback_is_fetched_despite_the_11000_points_limit(
+    prometheus: PrometheusServer, history: History
+) -> None:
+    # 691,200 s at 60 s is 11,521 points: one query_range is refused ("exceeded maximum resolution").
+    end = history.times[-1]
+    grid = fetch_range(prometheus.url, default_query(ROUTER, NAMESPACE), end=end, lookback_seconds=691_200,
+                       step_seconds=60, timeout_seconds=10)  # fmt: skip
+    assert grid.values.size == 11_521 and grid.series == 1
+    inside = grid.start + 60 * np.arange(grid.values.size) >= history.times[0] + 600
+    assert np.isfinite(grid.values[inside]).mean() > 0.99

@@ -27,6 +27,7 @@ from moe_operator.scaling.prometheus import (
     PrometheusQueryError,
     default_query,
     fetch_range,
+    query_windows,
     to_grid,
 )
 from tests.support.prometheus import free_port
@@ -44,8 +45,14 @@ def spec_for(url: str, mode: str = "Active", timeout: float = 2.0) -> MoERouterS
     })
 
 
-def test_default_query_sums_the_request_rate_of_one_routers_service() -> None:
-    assert default_query("r1", "ns") == 'sum(rate(moe_router_requests_total{namespace="ns",service="r1"}[2m]))'
+def test_default_query_sums_the_request_rate_of_one_routers_pods_by_their_moerouter_label() -> None:
+    assert default_query("r1", "ns") == 'sum(rate(moe_router_requests_total{namespace="ns",moerouter="r1"}[2m]))'
+
+
+def test_a_long_range_is_cut_into_windows_prometheus_accepts() -> None:
+    windows = query_windows(0.0, 691_200.0, 60.0, max_points=11_000)
+    assert windows == [(0.0, 659_940.0), (660_000.0, 691_200.0)]
+    assert query_windows(0.0, 600.0, 60.0) == [(0.0, 600.0)]
 
 
 def test_default_query_escapes_quotes_in_names() -> None:
