@@ -1,4 +1,9 @@
-"""``moe-operator render -f FILE``: the children the operator would apply, as a YAML stream, offline."""
+"""``moe-operator render -f FILE``: the children the operator would apply, as a YAML stream, offline.
+
+``--no-owner-references`` leaves out the owner references, for committing the output to Git and
+applying it without the operator: an owner reference to a MoERouter that does not exist on the
+cluster (offline the uid is a placeholder) makes the garbage collector delete the child.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +58,14 @@ def moerouters_in(documents: Iterable[Any]) -> list[Mapping[str, Any]]:
     return routers
 
 
-def render_children(router: Mapping[str, Any], default_namespace: str = "default") -> list[Manifest]:
+def without_owner_references(child: Manifest) -> Manifest:
+    metadata = {key: value for key, value in child["metadata"].items() if key != "ownerReferences"}
+    return {**child, "metadata": metadata}
+
+
+def render_children(
+    router: Mapping[str, Any], default_namespace: str = "default", *, owner_references: bool = True
+) -> list[Manifest]:
     metadata = dict(router.get("metadata") or {})
     metadata.setdefault("namespace", default_namespace)
     metadata.setdefault("uid", PLACEHOLDER_UID)
@@ -62,10 +74,11 @@ def render_children(router: Mapping[str, Any], default_namespace: str = "default
         spec = parse_spec(router.get("spec"))
     except SpecError as exc:
         raise RenderError(f"{KIND} {name}: {exc}") from None
-    return desired_children(Owner.from_body({**router, "metadata": metadata}), spec)
+    children = desired_children(Owner.from_body({**router, "metadata": metadata}), spec)
+    return children if owner_references else [without_owner_references(child) for child in children]
 
 
-def render_stream(text: str, default_namespace: str = "default") -> str:
+def render_stream(text: str, default_namespace: str = "default", *, owner_references: bool = True) -> str:
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
@@ -73,7 +86,7 @@ def render_stream(text: str, default_namespace: str = "default") -> str:
     children = [
         child
         for router in moerouters_in(documents)
-        for child in render_children(router, default_namespace)
+        for child in render_children(router, default_namespace, owner_references=owner_references)
     ]
     return dump_manifests(children)
 
@@ -81,12 +94,18 @@ def render_stream(text: str, default_namespace: str = "default") -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--filename", required=True, help="MoERouter YAML file ('-' for stdin)")
     parser.add_argument("-n", "--namespace", default="default", help="namespace when the object names none")
+    parser.add_argument(
+        "--no-owner-references",
+        dest="owner_references",
+        action="store_false",
+        help="leave out ownerReferences (for applying the output without the operator, e.g. from Git)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text(encoding="utf-8")
-        sys.stdout.write(render_stream(text, args.namespace))
+        sys.stdout.write(render_stream(text, args.namespace, owner_references=args.owner_references))
     except (OSError, RenderError) as exc:
         print(f"moe-operator render: {exc}", file=sys.stderr)
         return 2

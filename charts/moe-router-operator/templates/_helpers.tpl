@@ -58,3 +58,10 @@ app.kubernetes.io/part-of: moe-router-operator
 {{- toJson (list .Release.Namespace) }}
 {{- end }}
 {{- end }}
+
+{{/* Value combinations the schema cannot express; fails the render with what to change. */}}
+{{- define "moe-router-operator.validateValues" -}}
+{{- if and .Values.watch.clusterWide .Values.watch.namespaces }}
+{{- fail (printf "watch.namespaces (%s) is only used with watch.clusterWide=false; set watch.clusterWide=false to serve just those namespaces, or empty watch.namespaces to serve every namespace" (join ", " .Values.watch.namespaces)) }}
+{{- end }}
+{{- end }}

@@ -328,6 +328,18 @@ def test_service_monitor_without_metrics_port_fails_with_a_clear_message() -> No
                       "operator": {"livenessPort": 8080, "metricsPort": 0, "verbose": False}})
 
 
+def test_namespaces_listed_while_cluster_wide_fail_the_render_naming_both_values() -> None:
+    with pytest.raises(helm.HelmRenderError) as raised:
+        render_chart({"watch": {"clusterWide": True, "namespaces": ["team-a", "team-b"]}})
+    message = str(raised.value)
+    assert "watch.namespaces (team-a, team-b) is only used with watch.clusterWide=false" in message
+
+
+def test_cluster_wide_with_no_namespaces_listed_renders() -> None:
+    manifests = render_chart({"watch": {"clusterWide": True, "namespaces": []}})
+    assert "--all-namespaces" in operator_container(manifests)["args"]
+
+
 def test_optional_monitoring_objects_are_off_by_default() -> None:
     kinds = {doc["kind"] for doc in render_chart()}
     assert kinds.isdisjoint({"ServiceMonitor", "PodMonitor", "PrometheusRule"})
@@ -373,6 +385,15 @@ def test_notes_tell_the_user_what_to_do_next() -> None:
     assert "team-a, team-b" in notes
     assert "kubectl apply -f examples/moerouter.yaml" in notes
     assert "helm upgrade` never changes the CRDs" in notes
+
+
+def test_notes_upgrade_commands_force_crd_conflicts_and_keep_the_release_values() -> None:
+    lines = [line.strip() for line in render_notes().splitlines()]
+    [crd_apply] = [line for line in lines if line.startswith("kubectl apply") and "crds/" in line]
+    assert crd_apply.startswith("kubectl apply --server-side --force-conflicts -f https://")
+    assert crd_apply.endswith("/v0.1.0/crds/moerouter.io_moerouters.yaml")
+    [upgrade] = [line for line in lines if line.startswith("helm upgrade")]
+    assert upgrade.startswith("helm upgrade moe <chart> -n moe-system --reset-then-reuse-values")
 
 
 def test_app_version_matches_the_project_version_and_the_default_runtime_image() -> None:

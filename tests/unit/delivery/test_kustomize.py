@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.unit.delivery.support import (
     ROOT,
@@ -103,3 +106,18 @@ def test_production_overlay_pins_the_image_and_raises_resources() -> None:
     assert container["args"] == one(kustomize("default"), "Deployment")["spec"]["template"]["spec"]["containers"][
         0
     ]["args"]
+
+
+def test_documented_monitoring_patch_grants_what_the_chart_grants_with_monitoring_children(tmp_path: Path) -> None:
+    install = (ROOT / "docs" / "install.md").read_text()
+    snippet = install.partition("Add the rule in your overlay:\n\n```yaml\n")[2].partition("```")[0]
+    overlay = yaml.safe_load(snippet)
+    overlay["resources"] = [os.path.relpath(CONFIG / "default", tmp_path)]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    assert kubectl is not None
+    result = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    chart_role = one(render_chart({"rbac": {"create": True, "monitoringChildren": True, "watchCRDs": True}}),
+                     "ClusterRole")
+    assert rule_set(one(documents(result.stdout), "ClusterRole")["rules"]) == rule_set(chart_role["rules"])

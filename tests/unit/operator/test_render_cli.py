@@ -27,6 +27,29 @@ def test_render_example_prints_six_valid_children() -> None:
         kubernetes_validate.validate(child, "1.30.0", strict=True)
 
 
+def test_render_owns_every_child_by_the_moerouter_by_default() -> None:
+    result = moe_operator("render", "-f", str(ROOT / "examples" / "moerouter.yaml"))
+    assert result.returncode == 0, result.stderr
+    for child in yaml.safe_load_all(result.stdout):
+        [reference] = child["metadata"]["ownerReferences"]
+        assert (reference["kind"], reference["name"], reference["controller"]) == ("MoERouter", "demo-router", True)
+
+
+def test_render_without_owner_references_prints_the_same_children_unowned() -> None:
+    example = str(ROOT / "examples" / "moerouter.yaml")
+    owned = list(yaml.safe_load_all(moe_operator("render", "-f", example).stdout))
+    result = moe_operator("render", "-f", example, "--no-owner-references")
+    assert result.returncode == 0, result.stderr
+    unowned = list(yaml.safe_load_all(result.stdout))
+    assert "00000000-0000-0000-0000-000000000000" not in result.stdout
+    assert [child["metadata"].get("ownerReferences") for child in unowned] == [None] * len(owned)
+    for child in owned:
+        del child["metadata"]["ownerReferences"]
+    assert unowned == owned
+    for child in unowned:
+        kubernetes_validate.validate(child, "1.30.0", strict=True)
+
+
 def test_render_reads_stdin_and_uses_the_given_namespace() -> None:
     text = "apiVersion: moerouter.io/v1alpha1\nkind: MoERouter\nmetadata: {name: x}\nspec: {}\n"
     result = moe_operator("render", "-f", "-", "-n", "team-a", stdin=text)
