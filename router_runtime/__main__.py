@@ -78,6 +78,16 @@ def _route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tokens must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--tokens must be at least 1, got {value}")
+    return value
+
+
 def _worker_count(text: str) -> int:
     try:
         value = int(text)
@@ -105,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     send = commands.add_parser("route", help="route random tokens through a server and print statistics")
     send.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
     send.add_argument("--model", default="moe-router", help="model name")
-    send.add_argument("--tokens", type=int, default=256, help="number of tokens to send")
+    send.add_argument("--tokens", type=_token_count, default=256, help="number of tokens to send")
     send.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     send.add_argument("--json", action="store_true", help="send JSON tensors instead of the binary extension")
     send.add_argument("--api-key", help="API key (default: $MOE_ROUTER_API_KEY or $MOE_ROUTER_API_KEY_FILE)")
