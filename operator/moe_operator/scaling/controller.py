@@ -40,11 +40,12 @@ from moe_operator.scaling.policy import (
 from moe_operator.scaling.prometheus import (
     NO_DATA,
     UNAVAILABLE,
+    HistoryCache,
     PrometheusAuth,
     PrometheusQueryError,
     RangeResult,
     default_query,
-    fetch_range,
+    fetch_history,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class PredictiveState:
     choice_key: tuple[float, int, str, float] | None = None
     consecutive_failures: int = 0
     last_prediction: PredictionStatus | None = None
+    #: The history fetched so far: a tick reads only the newest minutes of it from Prometheus.
+    history: HistoryCache = field(default_factory=HistoryCache)
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ async def run_tick(
     try:
         async with asyncio.timeout(pred.prometheus.timeout_seconds + FETCH_GUARD_SECONDS):
             result = await asyncio.to_thread(
-                fetch_range, pred.prometheus.url, query, end=moment, lookback_seconds=pred.lookback_seconds,
+                fetch_history, state.history, pred.prometheus.url, query, end=moment,
+                lookback_seconds=pred.lookback_seconds,
                 step_seconds=pred.step_seconds, timeout_seconds=pred.prometheus.timeout_seconds, auth=auth,
             )
         metrics.query_seconds.labels(*labels).observe(time.perf_counter() - started)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +29,11 @@ DEFAULT_RATE_WINDOW = "2m"
 #: Prometheus refuses a range query of more than 11,000 points per series ("exceeded maximum resolution"):
 #: a longer lookback (8 days at 60 s is 11,521) is fetched in consecutive windows of at most this many.
 MAX_POINTS_PER_QUERY = 11_000
+#: A cached history is re-read whole this often (samples that arrive late, a Prometheus restored from backup);
+#: in between each tick reads only the steps since the cache's end.
+FULL_REFRESH_SECONDS = 3600.0
+#: Steps at the end of the cached history read again each tick: the newest rates move as scrapes land.
+REFETCH_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,60 @@ def fetch_range(
             message = f"unusable answer from Prometheus at {url}: {_first_line(exc)}"
             raise PrometheusQueryError(QUERY_FAILED, message) from None
     return to_grid(result, start, end, step_seconds)
+
+
+def merge_range(old: RangeResult, new: RangeResult, start: float) -> RangeResult:
+    """The grid from ``start`` to ``new``'s end, from ``old`` where only it has samples and ``new`` elsewhere.
+
+    Both grids share the step and its alignment (``align_end``); ``new`` wins where they overlap.
+    """
+    step = new.step
+    size = round((new.start - start) / step) + new.values.size
+    values = np.full(size, np.nan)
+    offset = round((old.start - start) / step)
+    first, last = max(0, offset), min(size, offset + old.values.size)
+    if first < last:
+        values[first:last] = old.values[first - offset : last - offset]
+    values[size - new.values.size :] = new.values
+    return RangeResult(start, step, values, max(old.series, new.series))
+
+
+@dataclass
+class HistoryCache:
+    """One MoERouter's last fetched history, so a tick asks Prometheus for minutes, not the whole lookback."""
+
+    key: tuple[str, str, float, float] | None = None
+    result: RangeResult | None = None
+    refreshed_at: float = -math.inf
+
+
+def fetch_history(
+    cache: HistoryCache, url: str, query: str, *, end: float, lookback_seconds: float, step_seconds: float,
+    timeout_seconds: float, auth: PrometheusAuth | None = None, fetch: Callable[..., RangeResult] | None = None,
+) -> RangeResult:
+    """``fetch_range`` over the lookback, reading only the newest steps when ``cache`` holds the rest.
+
+    A whole read happens on the first call, when the URL, query, step or lookback changed, and every
+    ``FULL_REFRESH_SECONDS``; otherwise the range from ``REFETCH_STEPS`` before the cached end to ``end`` is
+    read and merged in. Errors propagate as from ``fetch_range`` and leave the cache as it was.
+    """
+    fetch = fetch or fetch_range
+    aligned = align_end(end, step_seconds)
+    start = aligned - math.floor(lookback_seconds / step_seconds) * step_seconds
+    key = (url, query, float(step_seconds), float(lookback_seconds))
+    old = cache.result
+    if old is not None and cache.key == key and end - cache.refreshed_at < FULL_REFRESH_SECONDS:
+        old_end = old.start + (old.values.size - 1) * old.step
+        since = max(start, old_end - REFETCH_STEPS * step_seconds)
+        if start <= old_end <= aligned:
+            recent = fetch(url, query, end=end, lookback_seconds=aligned - since, step_seconds=step_seconds,
+                           timeout_seconds=timeout_seconds, auth=auth)  # fmt: skip
+            cache.result = merge_range(old, recent, start)
+            return cache.result
+    result: RangeResult = fetch(url, query, end=end, lookback_seconds=lookback_seconds, step_seconds=step_seconds,
+                                timeout_seconds=timeout_seconds, auth=auth)  # fmt: skip
+    cache.key, cache.result, cache.refreshed_at = key, result, end
+    return result
 
 
 def _first_line(exc: BaseException) -> str:

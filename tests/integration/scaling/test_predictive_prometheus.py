@@ -20,7 +20,14 @@ from prometheus_client import CollectorRegistry
 from moe_operator.api import MoERouterSpec, parse_spec
 from moe_operator.scaling.controller import PredictiveState, TickResult, run_tick
 from moe_operator.scaling.metrics import ScalingMetrics
-from moe_operator.scaling.prometheus import default_query, fetch_range
+from moe_operator.scaling.prometheus import (
+    FULL_REFRESH_SECONDS,
+    HistoryCache,
+    RangeResult,
+    default_query,
+    fetch_history,
+    fetch_range,
+)
 from moe_operator.scaling.traces import Trace, read_trace
 from tests.support.prometheus import PrometheusServer, SeriesSpec, prometheus_missing, start_prometheus
 
@@ -228,3 +235,27 @@ def test_the_default_eight_day_lookback_is_fetched_despite_the_11000_points_limi
     assert grid.values.size == 11_521 and grid.series == 1
     inside = grid.start + 60 * np.arange(grid.values.size) >= history.times[0] + 600
     assert np.isfinite(grid.values[inside]).mean() > 0.99
+
+
+def test_ticks_read_only_the_newest_minutes_and_see_what_a_whole_read_sees(
+    prometheus: PrometheusServer, history: History
+) -> None:
+    windows: list[float] = []
+
+    def spy(*args: object, **kwargs: object) -> RangeResult:
+        windows.append(float(kwargs["lookback_seconds"]))  # type: ignore[arg-type]
+        return fetch_range(*args, **kwargs)  # type: ignore[arg-type]
+
+    cache, query = HistoryCache(), default_query(ROUTER, NAMESPACE)
+    first = history.times[-1] - 3 * 3600
+    read = {"lookback_seconds": 86_400, "step_seconds": 60, "timeout_seconds": 10, "fetch": spy}
+    fetch_history(cache, prometheus.url, query, end=first, **read)  # type: ignore[arg-type]
+    later = fetch_history(cache, prometheus.url, query, end=first + 300, **read)  # type: ignore[arg-type]
+    assert windows == [86_400, 900]  # 5 new steps and the last 10 again
+    whole = fetch_range(prometheus.url, query, end=first + 300, lookback_seconds=86_400, step_seconds=60,
+                        timeout_seconds=10)  # fmt: skip
+    assert later.start == whole.start
+    np.testing.assert_allclose(later.values, whole.values, equal_nan=True)
+    fetch_history(cache, prometheus.url, query, end=first + FULL_REFRESH_SECONDS + 60, **read)  # type: ignore[arg-type]
+    fetch_history(cache, prometheus.url, "2 * " + query, end=first + FULL_REFRESH_SECONDS + 120, **read)  # type: ignore[arg-type]
+    assert windows[2:] == [86_400, 86_400]  # the hourly whole read, and a changed query

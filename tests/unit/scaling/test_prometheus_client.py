@@ -25,8 +25,10 @@ from moe_operator.scaling.prometheus import (
     UNAVAILABLE,
     PrometheusAuth,
     PrometheusQueryError,
+    RangeResult,
     default_query,
     fetch_range,
+    merge_range,
     query_windows,
     to_grid,
 )
@@ -53,6 +55,20 @@ def test_a_long_range_is_cut_into_windows_prometheus_accepts() -> None:
     windows = query_windows(0.0, 691_200.0, 60.0, max_points=11_000)
     assert windows == [(0.0, 659_940.0), (660_000.0, 691_200.0)]
     assert query_windows(0.0, 600.0, 60.0) == [(0.0, 600.0)]
+
+
+def test_merging_keeps_the_old_grid_where_only_it_has_samples_and_the_new_one_elsewhere() -> None:
+    old = RangeResult(0.0, 60.0, np.array([1.0, 2.0, np.nan, 4.0, 5.0]), 1)
+    new = RangeResult(180.0, 60.0, np.array([40.0, 50.0, 60.0, 70.0]), 2)
+    merged = merge_range(old, new, start=60.0)
+    assert merged.start == 60.0 and merged.series == 2
+    np.testing.assert_array_equal(merged.values, [2.0, np.nan, 40.0, 50.0, 60.0, 70.0])
+
+
+def test_merging_after_a_gap_leaves_the_missing_steps_nan() -> None:
+    old = RangeResult(0.0, 60.0, np.array([1.0, 2.0]), 1)
+    new = RangeResult(240.0, 60.0, np.array([5.0]), 1)
+    np.testing.assert_array_equal(merge_range(old, new, start=0.0).values, [1.0, 2.0, np.nan, np.nan, 5.0])
 
 
 def test_default_query_escapes_quotes_in_names() -> None:
