@@ -41,11 +41,23 @@ class SecretKeyRef(CamelModel):
     key: str = Field(..., min_length=1, max_length=253, description="Key inside the Secret.")
 
 
-class ResourceRequirements(CamelModel):
-    """Compute resources of the runtime container (Kubernetes quantities)."""
+DEFAULT_REQUESTS = {"cpu": "500m", "memory": "1Gi"}
+DEFAULT_LIMITS = {"memory": "2Gi"}
 
-    requests: dict[str, str] = Field(default_factory=lambda: {"cpu": "500m", "memory": "1Gi"})
-    limits: dict[str, str] = Field(default_factory=lambda: {"memory": "2Gi"})
+
+class ResourceRequirements(CamelModel):
+    """Runtime container resources; only without requests and limits: requests 500m/1Gi, limit memory 2Gi."""
+
+    requests: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_only_when_omitted(cls, data: Any) -> Any:
+        # A default limit next to a user's larger request would be rejected by the API server.
+        if isinstance(data, Mapping) and "requests" not in data and "limits" not in data:
+            return {**data, "requests": dict(DEFAULT_REQUESTS), "limits": dict(DEFAULT_LIMITS)}
+        return data
 
 
 class RuntimeSpec(CamelModel):
@@ -68,7 +80,20 @@ class RuntimeSpec(CamelModel):
         description="Expected time from pod creation to ready (image pull, weights); sizes the startup "
         "probe and the default prediction horizon.",
     )
-    termination_grace_period_seconds: int = Field(30, ge=1, le=3600)
+    termination_grace_period_seconds: int = Field(
+        30,
+        ge=1,
+        le=3600,
+        description="The pod's grace period: a preStop sleep (5 s), the runtime's drain of in-flight requests "
+        "and a 5 s margin fit in it.",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Server processes per pod (router.yaml server.workers), each holding its own copy of the "
+        "weights; 0 = auto: the container's CPU limit, 1 without a limit. Set 1 with large hosted experts.",
+    )
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[FreeForm] = Field(
         default_factory=list, json_schema_extra={"items": FREE_FORM_SCHEMA}

@@ -35,6 +35,12 @@ CONFIG_PATH = f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}"
 RUNTIME_UID = 65532
 #: Seconds the runtime keeps for itself between its own drain deadline and the kubelet's SIGKILL.
 SHUTDOWN_MARGIN_SECONDS = 5.0
+#: The preStop sleep: Services and load balancers stop sending to a terminating pod before it stops listening.
+PRE_STOP_SLEEP_SECONDS = 5
+#: How much longer than runtime.startupSeconds one new pod may take before a rollout counts as stuck.
+PROGRESS_DEADLINE_MARGIN_SECONDS = 300
+#: Kubernetes' own default progressDeadlineSeconds, never undercut.
+DEFAULT_PROGRESS_DEADLINE_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -77,8 +83,9 @@ SERVICE = ChildResource("", "v1", "Service", "services")
 HPA = ChildResource("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
 NETWORK_POLICY = ChildResource("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies")
 PDB = ChildResource("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets")
-SERVICE_MONITOR = ChildResource("monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors")
-PROMETHEUS_RULE = ChildResource("monitoring.coreos.com", "v1", "PrometheusRule", "prometheusrules")
+MONITORING_GROUP = "monitoring.coreos.com"
+SERVICE_MONITOR = ChildResource(MONITORING_GROUP, "v1", "ServiceMonitor", "servicemonitors")
+PROMETHEUS_RULE = ChildResource(MONITORING_GROUP, "v1", "PrometheusRule", "prometheusrules")
 
 #: Every kind of child, in the order they are applied (the ConfigMap before the pods that mount it).
 CHILD_RESOURCES: tuple[ChildResource, ...] = (
@@ -102,14 +109,35 @@ def child_name(resource: ChildResource, router_name: str) -> str:
     return config_map_name(router_name) if resource.kind == CONFIG_MAP.kind else router_name
 
 
+def pre_stop_seconds(spec: MoERouterSpec) -> int:
+    """The preStop sleep, shortened when the grace period is too short to hold it and the margin."""
+    budget = spec.runtime.termination_grace_period_seconds - SHUTDOWN_MARGIN_SECONDS
+    return int(min(PRE_STOP_SLEEP_SECONDS, max(budget, 0.0)))
+
+
+def shutdown_grace_seconds(spec: MoERouterSpec) -> float:
+    """The runtime's drain time after SIGTERM: the pod's grace period minus the preStop sleep and the margin.
+
+    The kubelet counts terminationGracePeriodSeconds from the start of preStop, so the three add up to it.
+    """
+    runtime = spec.runtime
+    return max(runtime.termination_grace_period_seconds - pre_stop_seconds(spec) - SHUTDOWN_MARGIN_SECONDS, 0.0)
+
+
+def progress_deadline_seconds(spec: MoERouterSpec) -> int:
+    """The Deployment's progressDeadlineSeconds: a new pod gets its whole startup time and a margin."""
+    return max(DEFAULT_PROGRESS_DEADLINE_SECONDS, spec.runtime.startup_seconds + PROGRESS_DEADLINE_MARGIN_SECONDS)
+
+
 def runtime_file_config(spec: MoERouterSpec) -> RuntimeFileConfig:
     """The ``router.yaml`` the runtime reads: the router schema plus the server settings from spec.runtime."""
-    grace = max(spec.runtime.termination_grace_period_seconds - SHUTDOWN_MARGIN_SECONDS, 0.0)
+    grace = shutdown_grace_seconds(spec)
     server = ServerConfig(
         port=spec.runtime.port,
         batching=spec.runtime.batching,
         max_request_tokens=spec.runtime.max_request_tokens,
         shutdown_grace_seconds=grace,
+        workers=spec.runtime.workers,
     )
     return RuntimeFileConfig(router=spec.router, server=server)
 
@@ -171,6 +199,14 @@ def _probe(path: str, *, period: int, failures: int, timeout: int = 2) -> Manife
     }
 
 
+def _lifecycle(spec: MoERouterSpec) -> Manifest:
+    """preStop: keep serving while the endpoint removal reaches every Service proxy (the image has /bin/sleep)."""
+    seconds = pre_stop_seconds(spec)
+    if seconds <= 0:
+        return {}
+    return {"lifecycle": {"preStop": {"exec": {"command": ["/bin/sleep", str(seconds)]}}}}
+
+
 def _runtime_container(spec: MoERouterSpec) -> Manifest:
     runtime = spec.runtime
     env: list[Manifest] = [{"name": CONFIG_PATH_ENV, "value": CONFIG_PATH}]
@@ -208,6 +244,7 @@ def _runtime_container(spec: MoERouterSpec) -> Manifest:
         ),
         "readinessProbe": _probe("/v2/health/ready", period=5, failures=2),
         "livenessProbe": _probe("/v2/health/live", period=10, failures=3),
+        **_lifecycle(spec),
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -275,6 +312,7 @@ def desired_deployment(owner: Owner, spec: MoERouterSpec) -> Manifest:
     deployment_spec: Manifest = {
         "selector": {"matchLabels": selector_labels(owner.name)},
         "revisionHistoryLimit": 5,
+        "progressDeadlineSeconds": progress_deadline_seconds(spec),
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
         "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec},
     }

@@ -42,6 +42,7 @@ MAX_BACKOFF_SECONDS = 300.0
 
 ROUTERS = (api.GROUP, api.VERSION, api.PLURAL)
 WATCHED_CHILDREN = (CONFIG_MAP, DEPLOYMENT, SERVICE, HPA, NETWORK_POLICY, PDB)
+CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={OPERATOR_NAME}"
 
 
 @kopf.on.startup()
@@ -53,7 +54,21 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.WARNING  # only Warning events: a healthy steady state writes nothing
     settings.watching.server_timeout = WATCH_TIMEOUT_SECONDS
+    watch_only_our_children(settings)
     memo.kube = Kube.from_environment()
+
+
+def watch_only_our_children(settings: kopf.OperatorSettings) -> None:
+    """Let the API server filter the child watches: the operator never sees (nor caches) others' objects."""
+    selectors = getattr(settings.watching, "label_selectors", None)
+    if selectors is None:  # kopf before server-side selectors: the handlers' own label filter still applies
+        logging.getLogger(__name__).warning(
+            "this kopf has no settings.watching.label_selectors: every %s in scope is watched",
+            "/".join(resource.plural for resource in WATCHED_CHILDREN),
+        )
+        return
+    for resource in WATCHED_CHILDREN:
+        selectors[resource.group, resource.version, resource.plural] = CHILD_SELECTOR
 
 
 @kopf.on.cleanup()

@@ -163,16 +163,19 @@ class Kube:
         result = await self._request("list", resource, "GET", object_path(resource, namespace), query=query)
         return list(result.get("items") or [])
 
-    async def apply(self, resource: ResourceLike, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply under our field manager, taking over conflicting fields (force)."""
+    async def apply(
+        self, resource: ResourceLike, obj: Mapping[str, Any], *, field_manager: str = FIELD_MANAGER, force: bool = True
+    ) -> dict[str, Any]:
+        """Server-side apply under our field manager, taking over conflicting fields (force) unless told not to."""
         metadata = obj["metadata"]
         path = object_path(resource, metadata.get("namespace"), metadata["name"])
+        query = [("fieldManager", field_manager)] + ([("force", "true")] if force else [])
         result = await self._request(
             "patch",
             resource,
             "PATCH",
             path,
-            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            query=query,
             body=dict(obj),
             content_type="application/apply-patch+yaml",
         )

@@ -8,6 +8,8 @@ from moe_operator.api import GROUP
 
 OPERATOR_NAME = "moe-router-operator"
 FIELD_MANAGER = "moe-router-operator"
+#: Holds spec.replicas for the moment the operator stops applying it, so the API server keeps the live value.
+HANDOVER_FIELD_MANAGER = "moe-router-operator-handover"
 APP_NAME = "moe-router"
 
 #: Our own prefix for annotations and the finalizer (never kopf's defaults).

@@ -21,12 +21,16 @@ from moe_operator import api, drift
 from moe_operator.api import MoERouterSpec, SpecError, parse_spec
 from moe_operator.children import (
     CHILD_RESOURCES,
+    CONFIG_MAP,
     DEPLOYMENT,
+    MONITORING_GROUP,
+    ChildResource,
     Owner,
     child_name,
     desired_children,
 )
 from moe_operator.kube import MOEROUTERS, Kube, KubeError
+from moe_operator.labels import FIELD_MANAGER, HANDOVER_FIELD_MANAGER
 from moe_operator.scaling.metrics import scaling_metrics
 from moe_operator.status import DEGRADED, Problem, desired_status, status_patch
 
@@ -109,26 +113,10 @@ def _owned_by(obj: Mapping[str, Any], owner: Owner) -> bool:
     return any(ref.get("uid") == owner.uid and ref.get("kind") == api.KIND for ref in references)
 
 
-async def check_references(kube: Kube, namespace: str, spec: MoERouterSpec) -> Problem | None:
-    """The Secret keys the spec refers to must exist before pods that need them are rolled."""
-    wanted: list[tuple[str, str, str]] = []  # (field path, secret, key)
-    runtime_ref = spec.runtime.api_key_secret_ref
-    if runtime_ref is not None:
-        wanted.append(("spec.runtime.apiKeySecretRef", runtime_ref.name, runtime_ref.key))
-    predictive = spec.autoscaling.predictive
-    if predictive.mode != "Off" and predictive.prometheus is not None:
-        prometheus = predictive.prometheus
-        base = "spec.autoscaling.predictive.prometheus"
-        if prometheus.bearer_token_secret_ref is not None:
-            ref = prometheus.bearer_token_secret_ref
-            wanted.append((f"{base}.bearerTokenSecretRef", ref.name, ref.key))
-        if prometheus.basic_auth_secret_ref is not None:
-            basic = prometheus.basic_auth_secret_ref
-            wanted.append((f"{base}.basicAuthSecretRef", basic.name, basic.username_key))
-            wanted.append((f"{base}.basicAuthSecretRef", basic.name, basic.password_key))
-        if prometheus.tls.ca_secret_ref is not None:
-            ref = prometheus.tls.ca_secret_ref
-            wanted.append((f"{base}.tls.caSecretRef", ref.name, ref.key))
+async def _missing_secret_key(
+    kube: Kube, namespace: str, wanted: list[tuple[str, str, str]]
+) -> Problem | None:
+    """The first (field path, Secret, key) whose Secret or key does not exist, as a Problem."""
     secrets: dict[str, dict[str, str] | None] = {}
     for path, name, key in wanted:
         if name not in secrets:
@@ -139,6 +127,40 @@ async def check_references(kube: Kube, namespace: str, spec: MoERouterSpec) -> P
         if key not in data:
             return Problem("SecretKeyNotFound", f"{path}: Secret {namespace}/{name} has no key {key!r}")
     return None
+
+
+async def check_references(kube: Kube, namespace: str, spec: MoERouterSpec) -> Problem | None:
+    """The Secret key the pods need (runtime.apiKeySecretRef) must exist before they are rolled.
+
+    Prometheus credentials are not checked here: they matter to the forecast only (PredictionReady).
+    """
+    runtime_ref = spec.runtime.api_key_secret_ref
+    if runtime_ref is None:
+        return None
+    return await _missing_secret_key(
+        kube, namespace, [("spec.runtime.apiKeySecretRef", runtime_ref.name, runtime_ref.key)]
+    )
+
+
+async def check_prometheus_references(kube: Kube, namespace: str, spec: MoERouterSpec) -> Problem | None:
+    """The Secret keys the forecast's Prometheus client needs must exist."""
+    predictive = spec.autoscaling.predictive
+    if predictive.mode == "Off" or predictive.prometheus is None:
+        return None
+    prometheus = predictive.prometheus
+    base = "spec.autoscaling.predictive.prometheus"
+    wanted: list[tuple[str, str, str]] = []  # (field path, secret, key)
+    if prometheus.bearer_token_secret_ref is not None:
+        ref = prometheus.bearer_token_secret_ref
+        wanted.append((f"{base}.bearerTokenSecretRef", ref.name, ref.key))
+    if prometheus.basic_auth_secret_ref is not None:
+        basic = prometheus.basic_auth_secret_ref
+        wanted.append((f"{base}.basicAuthSecretRef", basic.name, basic.username_key))
+        wanted.append((f"{base}.basicAuthSecretRef", basic.name, basic.password_key))
+    if prometheus.tls.ca_secret_ref is not None:
+        ref = prometheus.tls.ca_secret_ref
+        wanted.append((f"{base}.tls.caSecretRef", ref.name, ref.key))
+    return await _missing_secret_key(kube, namespace, wanted)
 
 
 async def write_status(
@@ -227,6 +249,67 @@ async def reconcile(
     return outcome
 
 
+def _needs_replicas_handover(desired: Mapping[str, Any], actual: Mapping[str, Any]) -> bool:
+    """Whether applying ``desired`` would drop a spec.replicas the operator's own apply still owns.
+
+    The API server removes a field its only applier stops applying, and defaulting then sets 1:
+    turning autoscaling on would cut a running router to one pod before the HPA acts.
+    """
+    if "replicas" in (desired.get("spec") or {}) or "replicas" not in (actual.get("spec") or {}):
+        return False
+    entries = (actual.get("metadata") or {}).get("managedFields") or []
+    if any(entry.get("manager") == HANDOVER_FIELD_MANAGER for entry in entries):
+        return False
+    ours = next(
+        (e for e in entries if e.get("manager") == FIELD_MANAGER and e.get("operation") == "Apply"), None
+    )
+    if ours is None:
+        return False  # never applied by us: nothing of ours to drop
+    fields = ours.get("fieldsV1") or {}
+    return not fields or "f:replicas" in (fields.get("f:spec") or {})  # no field set recorded: assume owned
+
+
+async def _hand_over_replicas(kube: Kube, actual: Mapping[str, Any]) -> None:
+    """Co-own spec.replicas at its live value under a second manager, so the operator's next apply keeps it."""
+    metadata = actual.get("metadata") or {}
+    handover = {
+        "apiVersion": DEPLOYMENT.api_version,
+        "kind": DEPLOYMENT.kind,
+        "metadata": {"name": metadata.get("name"), "namespace": metadata.get("namespace")},
+        "spec": {"replicas": (actual.get("spec") or {})["replicas"]},
+    }
+    try:
+        await kube.apply(DEPLOYMENT, handover, field_manager=HANDOVER_FIELD_MANAGER, force=False)
+    except KubeError as exc:
+        if exc.status != 409:
+            raise
+        return  # the value changed under us (the HPA scaled): its new owner keeps it, nothing to hold
+    CHILD_WRITES.labels(kind=DEPLOYMENT.kind, action="handover").inc()
+
+
+def _rbac_denied(exc: KubeError) -> bool:
+    """A 403 from authorization (quota and admission webhooks answer 403 too, worded otherwise)."""
+    return exc.status == 403 and " cannot " in exc.message
+
+
+def _not_permitted(resource: ChildResource, verb: str, name: str, namespace: str) -> Problem:
+    """The operator's RBAC does not allow a child it needs; the message names the grant that is missing."""
+    target = f"{resource.plural}.{resource.group}" if resource.group else resource.plural
+    if resource.group == MONITORING_GROUP:
+        option = f"spec.monitoring.{resource.kind[0].lower()}{resource.kind[1:]}"
+        return Problem(
+            "MonitoringNotPermitted",
+            f"{option} asks for {resource.kind} {namespace}/{name} but the operator may not {verb} {target}: "
+            f"set the chart value rbac.monitoringChildren=true (grants get, list, watch, create, patch, delete "
+            f"on {target}) or turn {option} off",
+        )
+    return Problem(
+        "ChildNotPermitted",
+        f"the operator may not {verb} {target} ({resource.kind} {namespace}/{name}): "
+        "its (Cluster)Role lacks that rule; reinstall the chart or config/rbac",
+    )
+
+
 async def _apply_children(
     kube: Kube, owner: Owner, spec: MoERouterSpec, floor: int | None, outcome: Outcome
 ) -> tuple[Mapping[str, Any] | None, Problem | None]:
@@ -234,30 +317,47 @@ async def _apply_children(
     desired_kinds = {child["kind"] for child in desired}
     resources = {resource.kind: resource for resource in CHILD_RESOURCES}
     deployment: Mapping[str, Any] | None = None
-    problem: Problem | None = None
+    problems: list[Problem] = []  # the first one is reported: later ones are often its consequences
+    conflicted: set[str] = set()
     for child in desired:
         resource = resources[child["kind"]]
         name = child["metadata"]["name"]
-        actual = await kube.get(resource, owner.namespace, name)
+        if resource == DEPLOYMENT and CONFIG_MAP.kind in conflicted:
+            # Pods would mount the foreign ConfigMap and run someone else's router.yaml.
+            deployment = await kube.get(DEPLOYMENT, owner.namespace, name)
+            continue
+        try:
+            actual = await kube.get(resource, owner.namespace, name)
+        except KubeError as exc:
+            if exc.status == 403:
+                problems.append(_not_permitted(resource, "get", name, owner.namespace))
+                continue
+            raise
         if actual is not None and not _owned_by(actual, owner):
-            problem = Problem(
+            conflicted.add(resource.kind)
+            problems.append(Problem(
                 "ChildConflict", f"{child['kind']} {owner.namespace}/{name} exists and is not owned by this MoERouter"
-            )
+            ))
             continue
         reasons = drift.child_drift(child, actual)
         if reasons:
             log.debug("%s %s/%s drifted: %s", child["kind"], owner.namespace, name, "; ".join(reasons[:5]))
+            if resource == DEPLOYMENT and actual is not None and _needs_replicas_handover(child, actual):
+                await _hand_over_replicas(kube, actual)
             try:
                 actual = await kube.apply(resource, drift.stamped(child))
             except KubeError as exc:
-                if exc.status == 404 and resource.group == "monitoring.coreos.com":
-                    problem = Problem(
+                if exc.status == 404 and resource.group == MONITORING_GROUP:
+                    problems.append(Problem(
                         "PrometheusOperatorMissing",
                         f"spec.monitoring asks for a {child['kind']} but its CRD is not installed",
-                    )
+                    ))
                     continue
-                if exc.status in (400, 403, 422):
-                    problem = Problem("ApplyRejected", f"{child['kind']} {name}: {exc.reason}: {exc.message}")
+                if _rbac_denied(exc):
+                    problems.append(_not_permitted(resource, "patch", name, owner.namespace))
+                    continue
+                if exc.status in (400, 403, 422):  # 403 here: a quota or an admission webhook said no
+                    problems.append(Problem("ApplyRejected", f"{child['kind']} {name}: {exc.reason}: {exc.message}"))
                     continue
                 raise
             outcome.applied.append(f"{child['kind']}/{name}")
@@ -281,7 +381,7 @@ async def _apply_children(
         if stale is not None and _owned_by(stale, owner) and await kube.delete(resource, owner.namespace, name):
             outcome.pruned.append(f"{resource.kind}/{name}")
             CHILD_WRITES.labels(kind=resource.kind, action="prune").inc()
-    return deployment, problem
+    return deployment, (problems[0] if problems else None)
 
 
 async def refresh_from_child(kube: Kube, child: Mapping[str, Any], *, deleted: bool) -> Outcome | None:
@@ -328,6 +428,10 @@ async def refresh_from_child(kube: Kube, child: Mapping[str, Any], *, deleted: b
             return await reconcile(kube, owner_body, trigger="child")
         _remember(resource.kind, current)
         if resource == DEPLOYMENT:
+            degraded = _degraded(owner_body.get("status") or {})
+            if degraded is not None and degraded[0] != "ProgressDeadlineExceeded":
+                # A conflict, an RBAC refusal or a rejection is judged only by a whole reconcile.
+                return await reconcile(kube, owner_body, trigger="child")
             outcome = Outcome()
             problem = await check_references(kube, namespace, spec)
             outcome.status_written = await write_status(
@@ -356,7 +460,7 @@ async def resolve_prometheus_auth(kube: Kube, namespace: str, spec: MoERouterSpe
     from moe_operator.scaling.prometheus import PrometheusAuth
 
     prometheus = spec.autoscaling.predictive.prometheus
-    problem = await check_references(kube, namespace, spec)
+    problem = await check_prometheus_references(kube, namespace, spec)
     if prometheus is None or problem is not None:
         return None, problem
 

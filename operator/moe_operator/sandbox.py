@@ -33,7 +33,7 @@ import socket
 import string
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,7 @@ class Call:
     name: str | None
     user_agent: str
     content_type: str
+    label_selector: str = ""  # what a list or watch asked the server to filter by
 
     @property
     def is_write(self) -> bool:
@@ -304,18 +305,43 @@ def json_patch(target: JSON, operations: Any) -> JSON:
     return doc
 
 
-def _drop_abandoned(base: Any, previous: Any, applied: Any) -> Any:
-    """Remove from ``base`` the fields a manager applied before but no longer applies."""
+def _drop_abandoned(base: Any, previous: Any, applied: Any, others: Sequence[Any] = ()) -> Any:
+    """Remove from ``base`` the fields a manager applied before but no longer applies.
+
+    A field another manager's apply still holds stays (shared ownership), as with the API server.
+    """
     if not (isinstance(base, Mapping) and isinstance(previous, Mapping)):
         return base
     result = dict(base)
     applied_map = applied if isinstance(applied, Mapping) else {}
+    other_maps = [other for other in others if isinstance(other, Mapping)]
     for key, old in previous.items():
+        still_held = [other[key] for other in other_maps if key in other]
         if key not in applied_map:
-            result.pop(key, None)
+            if not still_held:
+                result.pop(key, None)
+            elif isinstance(old, Mapping):
+                result[key] = _drop_abandoned(result.get(key), old, {}, still_held)
         elif key in result and isinstance(old, Mapping):
-            result[key] = _drop_abandoned(result[key], old, applied_map[key])
+            result[key] = _drop_abandoned(result[key], old, applied_map[key], still_held)
     return result
+
+
+def _fields_v1(applied: Any) -> JSON:
+    """The FieldsV1 set of an apply configuration (maps only; a list counts as one field)."""
+    if not isinstance(applied, Mapping):
+        return {}
+    return {f"f:{key}": _fields_v1(value) for key, value in applied.items()}
+
+
+def _applied_fields(applied: Mapping[str, Any]) -> JSON:
+    owned = {key: value for key, value in applied.items() if key not in ("apiVersion", "kind")}
+    owned["metadata"] = {
+        key: value for key, value in (applied.get("metadata") or {}).items() if key not in ("name", "namespace")
+    }
+    if not owned["metadata"]:
+        del owned["metadata"]
+    return _fields_v1(owned)
 
 
 def _apply_merge(base: Any, applied: Any) -> Any:
@@ -498,7 +524,7 @@ class Sandbox(kmock.KubernetesEmulator):
             if resource not in self._kinds:
                 raise ApiError(404, "NotFound", f"the server could not find the requested resource {resource}")
             if resource.plural in self.forbidden:
-                raise ApiError(403, "Forbidden", f"{resource.plural}.{resource.group} is forbidden (sandbox RBAC)")
+                raise self._forbidden(request)
             if request.action == kmock.action.WATCH:
                 return await self._watch(request)
             async with self._state_lock:
@@ -506,6 +532,26 @@ class Sandbox(kmock.KubernetesEmulator):
             return aiohttp.web.json_response(body, status=code)
         except ApiError as exc:
             return aiohttp.web.json_response(exc.status(), status=exc.code)
+
+    @staticmethod
+    def _forbidden(request: kmock.Request) -> ApiError:
+        """An RBAC denial worded as the API server words it (the operator tells it from quota/webhook 403s)."""
+        resource = request.resource
+        assert resource is not None
+        verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+        if request.action == kmock.action.WATCH:
+            verb = "watch"
+        else:
+            verb = verbs.get(str(getattr(request.method, "value", request.method)), "get" if request.name else "list")
+        group = f".{resource.group}" if resource.group else ""
+        named = f' "{request.name}"' if request.name else ""
+        scope = f' in the namespace "{request.namespace}"' if request.namespace else " at the cluster scope"
+        return ApiError(
+            403,
+            "Forbidden",
+            f'{resource.plural}{group}{named} is forbidden: User "system:serviceaccount:sandbox:operator" cannot '
+            f'{verb} resource "{resource.plural}" in API group "{resource.group}"{scope} (sandbox RBAC)',
+        )
 
     def _resource_list(self, group: str, version: str) -> JSON:
         """Discovery of one group/version (kmock 0.8 writes ``/v1`` for the core group)."""
@@ -586,6 +632,7 @@ class Sandbox(kmock.KubernetesEmulator):
                 name=request.name,
                 user_agent=request.headers.get("User-Agent", ""),
                 content_type=request.headers.get("Content-Type", ""),
+                label_selector=request.params.get("labelSelector", ""),
             )
         )
 
@@ -706,6 +753,7 @@ class Sandbox(kmock.KubernetesEmulator):
         body: Any,
         request: kmock.Request | None,
         operation: str = "Update",
+        fields: JSON | None = None,
     ) -> JSON:
         if not isinstance(body, Mapping):
             raise ApiError(400, "BadRequest", "the request body must be an object")
@@ -732,7 +780,7 @@ class Sandbox(kmock.KubernetesEmulator):
             uid=str(uuid.uuid4()),
             creationTimestamp=_now(),
             generation=1,
-            managedFields=[self._managed_entry(self._manager(request), operation, resource)],
+            managedFields=[self._managed_entry(self._manager(request), operation, resource, fields)],
         )
         obj["metadata"] = metadata
         obj["apiVersion"] = resource.version if not resource.group else f"{resource.group}/{resource.version}"
@@ -743,7 +791,7 @@ class Sandbox(kmock.KubernetesEmulator):
         return copy.deepcopy(self._store(key, obj, "ADDED"))
 
     @staticmethod
-    def _managed_entry(manager: str, operation: str, resource: kmock.resource) -> JSON:
+    def _managed_entry(manager: str, operation: str, resource: kmock.resource, fields: JSON | None = None) -> JSON:
         api_version = resource.version if not resource.group else f"{resource.group}/{resource.version}"
         return {
             "manager": manager,
@@ -751,7 +799,7 @@ class Sandbox(kmock.KubernetesEmulator):
             "apiVersion": api_version,
             "time": _now(),
             "fieldsType": "FieldsV1",
-            "fieldsV1": {},
+            "fieldsV1": fields or {},  # recorded for applies only: Update entries own nothing here
         }
 
     @staticmethod
@@ -773,6 +821,7 @@ class Sandbox(kmock.KubernetesEmulator):
         subresource: str | None,
         manager: str,
         operation: str,
+        fields: JSON | None = None,
     ) -> JSON:
         """Commit a new version of an existing object with the API server's invariants."""
         _, _, subresources = self._kinds[resource]
@@ -804,14 +853,20 @@ class Sandbox(kmock.KubernetesEmulator):
             added = set(new_meta.get("finalizers") or []) - set(old_meta.get("finalizers") or [])
             if added:
                 raise ApiError(422, "Invalid", "no new finalizers can be added to an object being deleted")
-        if new == old:
+        if subresource is None:
+            self._default(resource, new)
+        entry = next((item for item in new_meta["managedFields"]
+                      if item.get("manager") == manager and item.get("operation") == operation), None)
+        # An apply that changes no value still changes who owns what (e.g. a field handed over).
+        ownership_changed = operation == "Apply" and (entry is None or entry.get("fieldsV1") != (fields or {}))
+        if new == old and not ownership_changed:
             return copy.deepcopy(old)
         if _spec_of(new) != _spec_of(old):
             new["metadata"]["generation"] = old_meta.get("generation", 1) + 1
         new["metadata"]["managedFields"] = [
             *(entry for entry in new_meta["managedFields"] if entry.get("manager") != manager
               or entry.get("operation") != operation),
-            self._managed_entry(manager, operation, resource),
+            self._managed_entry(manager, operation, resource, fields),
         ]
         if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
             self._store(key, new, "MODIFIED")
@@ -891,17 +946,19 @@ class Sandbox(kmock.KubernetesEmulator):
             if request.subresource:
                 raise self._not_found(request.resource, request.name)
             applied["metadata"]["name"] = request.name
-            created = self._create(request.resource, request.namespace, applied, request, "Apply")
+            created = self._create(request.resource, request.namespace, applied, request, "Apply",
+                                   _applied_fields(applied))
             per_manager[manager] = applied
             return 201, created
         previous = per_manager.get(manager)
         base = copy.deepcopy(old)
         if previous is not None:
-            base = _drop_abandoned(base, previous, applied)
+            others = [config for other, config in per_manager.items() if other != manager]
+            base = _drop_abandoned(base, previous, applied, others)
         new = _apply_merge(base, applied)
         per_manager[manager] = applied
         return 200, self._update(request.resource, key, old, new, subresource=request.subresource,
-                                 manager=manager, operation="Apply")
+                                 manager=manager, operation="Apply", fields=_applied_fields(applied))
 
     def _delete_request(self, request: kmock.Request) -> JSON:
         assert request.resource is not None and request.name is not None

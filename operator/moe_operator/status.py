@@ -152,11 +152,27 @@ def desired_status(
     problem: Problem | None,
     now: datetime,
 ) -> dict[str, Any]:
-    """The whole status (wire form) from what was observed; other conditions and prediction are kept."""
+    """The whole status (wire form) from what was observed; other conditions and prediction are kept.
+
+    While no forecast runs (predictive mode Off, or autoscaling disabled) ``prediction`` is set to None
+    (removed by the merge patch) so no stale prediction stays in the status and the printer column.
+    """
     rollout = _Rollout.of(deployment) if deployment is not None else None
     conditions = [dict(condition) for condition in current.get("conditions") or []]
+    forecasting = spec is None or (spec.autoscaling.enabled and spec.autoscaling.predictive.mode != "Off")
     if spec is not None and spec.autoscaling.predictive.mode == "Off":
         conditions = [condition for condition in conditions if condition.get("type") != PREDICTION_READY]
+    elif not forecasting:
+        conditions = set_condition(
+            conditions,
+            type=PREDICTION_READY,
+            status="False",
+            reason="AutoscalingDisabled",
+            message="spec.autoscaling.predictive.mode is set but spec.autoscaling.enabled is false: "
+            "the forecast runs only alongside the HPA",
+            generation=generation,
+            now=now,
+        )
     for condition_type, (condition_status, reason, message) in (
         (READY, _ready_condition(rollout, problem)),
         (PROGRESSING, _progressing_condition(rollout)),
@@ -178,6 +194,8 @@ def desired_status(
         "readyReplicas": rollout.ready if rollout else 0,
         "conditions": conditions,
     }
+    if not forecasting and "prediction" in current:
+        status["prediction"] = None  # a merge patch removes it: nothing keeps it current any more
     if generation is not None:
         status["observedGeneration"] = generation
     return status

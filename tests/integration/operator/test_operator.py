@@ -242,3 +242,41 @@ async def test_liveness_and_metrics_endpoints_answer(tmp_path):
         async with k8s.session.get(k8s.metrics_url) as response:
             text = await response.text()
         assert 'moe_operator_reconciles_total{result="ok",trigger="create"}' in text
+
+
+async def test_the_child_watches_ask_the_api_server_for_the_operators_own_objects_only(tmp_path):
+    async with cluster(tmp_path) as k8s:
+        await k8s.apply_router(example_router())
+        await eventually(lambda: len(children(k8s)) == len(CHILDREN), message="all six children")
+        plurals = {plural for _, _, plural, _ in CHILDREN}
+
+        def watches() -> dict[str, str] | None:
+            found = {call.resource: call.label_selector for call in k8s.operator_calls() if call.verb == "watch"}
+            return found if plurals <= set(found) and "moerouters" in found else None
+
+        selectors = await eventually(watches, message="a watch of every child kind")
+        assert {selectors[plural] for plural in plurals} == {f"{MANAGED_BY_LABEL}={OPERATOR_NAME}"}
+        assert selectors["moerouters"] == ""
+
+
+async def test_monitoring_children_without_rbac_degrade_with_a_warning_and_the_router_still_runs(tmp_path):
+    async with cluster(tmp_path) as k8s:
+        k8s.sandbox.forbidden.add("servicemonitors")
+        body = example_router()
+        body["spec"]["monitoring"] = {"serviceMonitor": True}
+        await k8s.apply_router(body)
+        degraded = await eventually(
+            lambda: (k8s.condition("demo-router", "Degraded") or {}).get("status") == "True"
+            and k8s.condition("demo-router", "Degraded"),
+            message="Degraded=True",
+        )
+        assert degraded["reason"] == "MonitoringNotPermitted" and "rbac.monitoringChildren" in degraded["message"]
+        await eventually(
+            lambda: [e for e in k8s.sandbox.items("", "v1", "events", "default")
+                     if e.get("type") == "Warning" and e.get("reason") == "MonitoringNotPermitted"],
+            message="a Warning event",
+        )
+        await eventually(lambda: (k8s.condition("demo-router", "Ready") or {}).get("status") == "True",
+                         message="Ready=True from the runtime Deployment")
+        assert len(children(k8s)) == len(CHILDREN)
+        assert (k8s.condition("demo-router", "Degraded") or {}).get("reason") == "MonitoringNotPermitted"

@@ -110,3 +110,99 @@ async def test_kinds_the_operator_may_not_read_are_skipped_after_the_first_refus
     again = await reconcile(kube, await kube.get(MOEROUTERS, "default", "r"), trigger="test")
     assert again.problem is None
     assert [call for call in running.sandbox.log[mark:] if call.group == "monitoring.coreos.com"] == []
+
+
+async def test_monitoring_children_the_operator_may_not_manage_degrade_but_the_rest_is_applied(sandbox):
+    running, kube = sandbox
+    running.sandbox.forbidden.add("servicemonitors")
+    outcome = await reconcile(
+        kube, await created_router(running, kube, {"monitoring": {"serviceMonitor": True}}), trigger="test"
+    )
+    assert outcome.problem is not None and outcome.problem.reason == "MonitoringNotPermitted"
+    assert "rbac.monitoringChildren" in outcome.problem.message and outcome.new_problem
+    assert len(outcome.applied) == 6 and outcome.status_written
+    degraded = next(c for c in (await kube.get(MOEROUTERS, "default", "r"))["status"]["conditions"]
+                    if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "MonitoringNotPermitted"
+
+
+async def test_a_quota_refusal_of_a_child_is_an_apply_rejection_not_a_permission_problem(sandbox, monkeypatch):
+    from moe_operator.kube import KubeError
+
+    running, kube = sandbox
+    original = kube.apply
+
+    async def quota_exceeded(resource, obj):
+        if obj["kind"] == "PodDisruptionBudget":
+            raise KubeError(403, "Forbidden", 'poddisruptionbudgets "r" is forbidden: exceeded quota: q')
+        return await original(resource, obj)
+
+    monkeypatch.setattr(kube, "apply", quota_exceeded)
+    outcome = await reconcile(kube, await created_router(running, kube), trigger="test")
+    assert outcome.problem is not None and outcome.problem.reason == "ApplyRejected"
+    assert "exceeded quota" in outcome.problem.message
+
+
+async def test_a_missing_prometheus_credential_secret_does_not_hold_back_the_children(sandbox):
+    running, kube = sandbox
+    router = await created_router(running, kube, {"autoscaling": {"enabled": True, "predictive": {
+        "mode": "ForecastOnly", "capacityPerReplica": 10,
+        "prometheus": {"url": "http://prometheus:9090", "bearerTokenSecretRef": {"name": "prom-token", "key": "t"}},
+    }}})
+    outcome = await reconcile(kube, router, trigger="test")
+    assert outcome.problem is None
+    assert running.sandbox.object_of("apps", "v1", "deployments", "default", "r") is not None
+
+
+async def test_a_deployment_is_not_applied_while_its_configmap_belongs_to_someone_else(sandbox):
+    running, kube = sandbox
+    running.sandbox.seed("", "v1", "configmaps", {
+        "metadata": {"name": "r-config", "namespace": "default"}, "data": {"router.yaml": "router: {}\n"},
+    })
+    outcome = await reconcile(kube, await created_router(running, kube), trigger="test")
+    assert outcome.problem is not None and outcome.problem.reason == "ChildConflict"
+    assert "ConfigMap default/r-config" in outcome.problem.message
+    assert running.sandbox.object_of("apps", "v1", "deployments", "default", "r") is None
+    assert "Service/r" in outcome.applied
+
+
+async def test_predictive_mode_off_removes_the_prediction_from_the_status(sandbox):
+    running, kube = sandbox
+    await created_router(running, kube)
+    await kube.patch_status(MOEROUTERS, "default", "r", {"prediction": {"predictedLoad": 123.0}})
+    await reconcile(kube, await kube.get(MOEROUTERS, "default", "r"), trigger="test")
+    assert "prediction" not in (await kube.get(MOEROUTERS, "default", "r"))["status"]
+
+
+def count_handovers(kube: Kube, monkeypatch) -> list[str]:
+    """Record the field manager of every apply the reconciler sends."""
+    managers: list[str] = []
+    original = kube.apply
+
+    async def recording(resource, obj, **options):
+        managers.append(options.get("field_manager", "moe-router-operator"))
+        return await original(resource, obj, **options)
+
+    monkeypatch.setattr(kube, "apply", recording)
+    return managers
+
+
+async def test_turning_autoscaling_on_keeps_the_running_replicas_until_the_hpa_acts(sandbox, monkeypatch):
+    running, kube = sandbox
+    fixed = {"replicas": 5, "autoscaling": {"enabled": False, "minReplicas": 2, "maxReplicas": 10}}
+    await reconcile(kube, await created_router(running, kube, fixed), trigger="test")
+    assert running.sandbox.object_of("apps", "v1", "deployments", "default", "r")["spec"]["replicas"] == 5
+    managers = count_handovers(kube, monkeypatch)
+    scaled = {"replicas": 5, "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 10}}
+    await reconcile(kube, await created_router(running, kube, scaled), trigger="test")
+    assert running.sandbox.object_of("apps", "v1", "deployments", "default", "r")["spec"]["replicas"] == 5
+    await reconcile(kube, await created_router(running, kube, {**scaled, "runtime": {"port": 9000}}), trigger="test")
+    assert managers.count("moe-router-operator-handover") == 1
+
+
+async def test_a_router_born_autoscaled_needs_no_replicas_handover(sandbox, monkeypatch):
+    running, kube = sandbox
+    managers = count_handovers(kube, monkeypatch)
+    await reconcile(kube, await created_router(running, kube), trigger="test")  # the example autoscales
+    await reconcile(kube, await created_router(running, kube, {"runtime": {"port": 9000}}), trigger="test")
+    assert "moe-router-operator-handover" not in managers

@@ -102,6 +102,32 @@ async def test_server_side_apply_creates_merges_and_drops_abandoned_fields(api):
     assert {entry["manager"] for entry in applied["metadata"]["managedFields"]} >= {"op"}
 
 
+async def test_a_field_another_manager_still_applies_survives_when_one_manager_drops_it(api):
+    await api.call("PATCH", f"{CONFIGMAPS}/a?fieldManager=op", configmap("a", one="1", two="2"), APPLY, expect=201)
+    both = await api.call("PATCH", f"{CONFIGMAPS}/a?fieldManager=keeper", configmap("a", two="2"), APPLY, expect=200)
+    assert {entry["manager"] for entry in both["metadata"]["managedFields"]} == {"op", "keeper"}
+    kept = await api.call("PATCH", f"{CONFIGMAPS}/a?fieldManager=op", configmap("a", one="1"), APPLY, expect=200)
+    assert kept["data"] == {"one": "1", "two": "2"}
+    gone = await api.call("PATCH", f"{CONFIGMAPS}/a?fieldManager=keeper", configmap("a"), APPLY, expect=200)
+    assert gone["data"] == {"one": "1"}
+
+
+async def test_an_apply_records_the_fields_it_owns(api):
+    applied = await api.call("PATCH", f"{CONFIGMAPS}/a?fieldManager=op", configmap("a", one="1"), APPLY, expect=201)
+    (entry,) = applied["metadata"]["managedFields"]
+    assert entry["operation"] == "Apply"
+    assert entry["fieldsV1"] == {"f:metadata": {"f:labels": {"f:app": {}}}, "f:data": {"f:one": {}}}
+
+
+async def test_dropping_the_last_owner_of_deployment_replicas_defaults_them_to_one(api):
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+                  "spec": {"replicas": 5, "selector": {"matchLabels": {"app": "d"}}}}
+    await api.call("PATCH", f"{DEPLOYMENTS}/d?fieldManager=op", deployment, APPLY, expect=201)
+    without = {**deployment, "spec": {"selector": {"matchLabels": {"app": "d"}}}}
+    applied = await api.call("PATCH", f"{DEPLOYMENTS}/d?fieldManager=op", without, APPLY, expect=200)
+    assert applied["spec"]["replicas"] == 1
+
+
 async def test_apply_requires_a_field_manager(api):
     error = await api.call("PATCH", f"{CONFIGMAPS}/a", configmap("a"), APPLY, expect=400)
     assert "fieldManager" in error["message"]

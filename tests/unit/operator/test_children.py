@@ -204,3 +204,48 @@ def test_api_key_comes_from_the_secret_reference_only() -> None:
 def test_builders_are_deterministic() -> None:
     spec = parse_spec(example_specs()[-1])
     assert desired_children(OWNER, spec) == desired_children(OWNER, spec)
+
+
+def pod_spec_of(spec: Any) -> dict[str, Any]:
+    return dict(desired_deployment(OWNER, spec)["spec"]["template"]["spec"])
+
+
+def test_a_terminating_pod_sleeps_in_pre_stop_before_the_runtime_sees_sigterm() -> None:
+    (container,) = pod_spec_of(spec_from())["containers"]
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["/bin/sleep", "5"]
+
+
+@pytest.mark.parametrize("grace", [1, 6, 10, 30, 3600])
+def test_the_grace_period_covers_pre_stop_the_runtime_drain_and_a_margin(grace: int) -> None:
+    spec = spec_from(runtime={"terminationGracePeriodSeconds": grace})
+    pod = pod_spec_of(spec)
+    (container,) = pod["containers"]
+    command = ((container.get("lifecycle") or {}).get("preStop") or {}).get("exec", {}).get("command")
+    pre_stop = int(command[-1]) if command else 0
+    drain = runtime_file_config(spec).server.shutdown_grace_seconds
+    assert pod["terminationGracePeriodSeconds"] == grace
+    assert pre_stop + drain + 5 <= grace or (pre_stop == 0 and drain == 0)
+
+
+def test_a_rollout_is_stuck_only_after_a_pod_had_its_whole_startup_time() -> None:
+    def deadline(startup: int) -> int:
+        return int(desired_deployment(OWNER, spec_from(runtime={"startupSeconds": startup}))["spec"][
+            "progressDeadlineSeconds"
+        ])
+
+    assert deadline(300) == 600
+    assert deadline(1800) >= 1800 + 300
+    assert deadline(7200) > 7200
+
+
+def test_default_resources_apply_only_when_the_spec_gives_none() -> None:
+    (default,) = pod_spec_of(spec_from())["containers"]
+    assert default["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}
+    (requested,) = pod_spec_of(spec_from(runtime={"resources": {"requests": {"memory": "8Gi"}}}))["containers"]
+    assert requested["resources"] == {"requests": {"memory": "8Gi"}}
+
+
+@pytest.mark.parametrize("workers", [0, 1, 4])
+def test_runtime_workers_reach_the_server_settings_the_runtime_reads(workers: int) -> None:
+    config_map = by_kind(desired_children(OWNER, spec_from(runtime={"workers": workers})))["ConfigMap"]
+    assert RuntimeFileConfig.from_yaml(config_map["data"]["router.yaml"]).server.workers == workers

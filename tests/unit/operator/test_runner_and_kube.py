@@ -64,3 +64,17 @@ def test_bad_timer_settings_name_the_variable(monkeypatch, raw):
 def test_retry_backoff_doubles_up_to_five_minutes():
     delays = [handlers._backoff(retry) for retry in range(12)]
     assert delays[1] == 2 * delays[0] and delays[-1] == handlers.MAX_BACKOFF_SECONDS
+
+
+def test_the_child_watches_are_filtered_by_the_api_server_and_the_moerouter_watch_is_not():
+    import kopf
+    from kopf._cogs.structs.references import Resource
+
+    settings = kopf.OperatorSettings()
+    handlers.watch_only_our_children(settings)
+    for child in handlers.WATCHED_CHILDREN:
+        assert settings.watching.label_selectors.collect(Resource(child.group, child.version, child.plural)) == [
+            "app.kubernetes.io/managed-by=moe-router-operator"
+        ]
+    assert settings.watching.label_selectors.collect(Resource(*handlers.ROUTERS)) == []
+    assert settings.watching.label_selectors.collect(Resource("", "v1", "secrets")) == []

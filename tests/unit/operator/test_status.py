@@ -115,3 +115,37 @@ def test_condition_reasons_match_the_metav1_condition_pattern() -> None:
     for dep in (None, deployment(), deployment(ready=2, available=2), deployment(deadline=True), deployment(desired=0)):
         for item in compute(dep)["conditions"]:
             assert pattern.match(item["reason"]), item
+
+
+def test_a_prediction_left_from_an_earlier_predictive_mode_is_removed_when_mode_is_off() -> None:
+    current = {"prediction": {"predictedLoad": 123.0, "recommendedReplicas": 4},
+               "conditions": [{"type": "PredictionReady", "status": "True", "reason": "Forecast",
+                               "message": "", "lastTransitionTime": "2026-11-22T11:00:00Z"}]}
+    status = compute(deployment(ready=2, available=2), current=current)
+    assert status_patch(current, status)["prediction"] is None
+    assert [c for c in status["conditions"] if c["type"] == "PredictionReady"] == []
+
+
+def test_a_router_without_a_prediction_gets_no_prediction_key_written() -> None:
+    assert "prediction" not in status_patch({}, compute(deployment(ready=2, available=2)))
+
+
+def test_a_predictive_mode_without_autoscaling_says_the_forecast_does_not_run() -> None:
+    spec = parse_spec({"autoscaling": {"enabled": False, "predictive": {
+        "mode": "ForecastOnly", "capacityPerReplica": 10, "prometheus": {"url": "http://prometheus:9090"}}}})
+    current = {"prediction": {"predictedLoad": 5.0}}
+    status = desired_status(name="r1", spec=spec, generation=3, deployment=deployment(), current=current,
+                            problem=None, now=NOW)
+    ready = condition(status, "PredictionReady")
+    assert ready["status"] == "False" and ready["reason"] == "AutoscalingDisabled"
+    assert "spec.autoscaling.enabled" in ready["message"]
+    assert status_patch(current, status)["prediction"] is None
+
+
+def test_the_prediction_stays_while_the_forecast_runs() -> None:
+    spec = parse_spec({"autoscaling": {"enabled": True, "predictive": {
+        "mode": "Active", "capacityPerReplica": 10, "prometheus": {"url": "http://prometheus:9090"}}}})
+    current = {"prediction": {"predictedLoad": 5.0, "appliedMinReplicas": 3}}
+    status = desired_status(name="r1", spec=spec, generation=3, deployment=deployment(), current=current,
+                            problem=None, now=NOW)
+    assert status["prediction"] == current["prediction"] and "prediction" not in status_patch(current, status)
