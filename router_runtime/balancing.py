@@ -27,6 +27,11 @@ class SelectionBias(nn.Module):
         #: The bias's memory as numpy (shared, CPU): the fused kernel reads it, ``update`` writes it.
         self.bias_view: np.ndarray = self.bias.numpy()
 
+    def pin_memory(self) -> None:
+        """Move the bias into pinned host memory (a GPU router copies it to the device after every update)."""
+        self.bias = self.bias.pin_memory()
+        self.bias_view = self.bias.numpy()
+
     def update(self, expert_load: np.ndarray) -> None:
         """Raise the bias of under-loaded experts and lower that of over-loaded ones by ``rate``."""
         # E values: numpy on the host is cheaper than a chain of tiny torch ops; in place, so the tensor sees it.

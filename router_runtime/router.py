@@ -12,6 +12,7 @@ one ``topk`` with ``maxExperts`` slots, then a per-token mask; no Python loop ov
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -68,6 +69,13 @@ class RoutingResult:
 FUSED_SOFTMAX_MIN_EXPERTS = 32
 
 
+@functools.lru_cache(maxsize=64)
+def ones(size: int, device: torch.device) -> torch.Tensor:
+    """A shared read-only float32 vector of ones: row sums as one matrix-vector product, no allocation per call
+    (on a GPU an allocation and a fill kernel each)."""
+    return torch.ones(size, dtype=torch.float32, device=device)
+
+
 def softmax_fp32(
     logits: torch.Tensor, *, keep_shifted: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -87,7 +95,7 @@ def softmax_fp32(
         return log_probs.exp(), log_probs, None
     shifted = logits - logits.amax(dim=-1, keepdim=True)
     probs = shifted.exp() if keep_shifted else shifted.exp_()
-    normaliser = probs @ torch.ones(probs.shape[-1], dtype=torch.float32, device=probs.device)
+    normaliser = probs @ ones(probs.shape[-1], probs.device)
     probs.div_(normaliser.unsqueeze(1))
     return probs, (shifted if keep_shifted else None), normaliser
 
@@ -130,6 +138,8 @@ class DynamicRouter(nn.Module):
         # The bias is updated on the host (E values); a GPU router reads a device copy refreshed after each update.
         self._device_bias: torch.Tensor | None = None
         if self.selection_bias is not None and not self.on_host:
+            # Pinned, so refreshing the device copy after each batch is a queued DMA, not a blocking copy.
+            self.selection_bias.pin_memory()
             self._device_bias = self.selection_bias.bias.to(self.device)
         self.calibrator = ComplexityCalibrator() if config.strategy == "complexity" else None
         self.experts: ExpertFFNs | None = None
@@ -261,7 +271,7 @@ class DynamicRouter(nn.Module):
             unused = torch.ge(self.slots, k.unsqueeze(1))
             weights.masked_fill_(unused, 0.0)
             indices.masked_fill_(unused, -1)
-        selected_mass = weights @ torch.ones(weights.shape[-1], dtype=weights.dtype, device=weights.device)
+        selected_mass = weights @ ones(weights.shape[-1], weights.device)
         if cfg.renormalize:
             # Every row keeps its top expert (probability >= 1/E > 0) unless a capacity drop emptied it.
             divisor = selected_mass if capacity_factor is None else selected_mass.clamp(min=_TINY)
@@ -284,14 +294,21 @@ class DynamicRouter(nn.Module):
         update_state: bool,
         compute_output: bool,
     ) -> RoutingResult:
-        if update_state:
-            if self._balancer is not None:
-                self._balancer.update(stats.expert_load)
-            self.cumulative.add(stats)
+        self._record(stats, update_state)
         output = None
         if self._expert_ffns is not None and compute_output:
             output = self._expert_ffns(tokens, indices, weights)
         return RoutingResult(indices, weights, k, selected_mass, stats, output)
+
+    def _record(self, stats: RoutingStats, update_state: bool) -> None:
+        """Fold a routed batch into the balancing bias (and its device copy) and the cumulative statistics."""
+        if not update_state:
+            return
+        if self._balancer is not None:
+            self._balancer.update(stats.expert_load)
+            if self._device_bias is not None:
+                self._device_bias.copy_(self._balancer.bias, non_blocking=True)
+        self.cumulative.add(stats)
 
     def _finish_from_device(
         self,
@@ -315,12 +332,7 @@ class DynamicRouter(nn.Module):
         indices, weights, k, selected_mass = copies[:4]
         output = copies[4] if output is not None else None
         stats = RoutingStats.from_selection(k, indices, selected_mass, self.config.num_experts, constant_k=constant_k)
-        if update_state:
-            if self._balancer is not None:
-                self._balancer.update(stats.expert_load)
-                assert self._device_bias is not None
-                self._device_bias.copy_(self._balancer.bias)
-            self.cumulative.add(stats)
+        self._record(stats, update_state)
         return RoutingResult(indices, weights, k, selected_mass, stats, output)
 
     def _select_fused(
