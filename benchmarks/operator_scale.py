@@ -27,7 +27,7 @@ import aiohttp
 import yaml
 
 from moe_operator import sandbox as sandbox_module
-from moe_operator.children import CHILD_RESOURCES, child_name
+from moe_operator.children import CHILD_RESOURCES, CONFIG_MAP, child_name, mounted_config_maps
 from moe_operator.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,9 +44,16 @@ def router(name: str) -> dict[str, Any]:
 
 
 def has_children(sandbox: Sandbox, name: str) -> bool:
-    return all(
+    named = all(
         sandbox.object_of(child.group, child.version, child.plural, "default", child_name(child, name)) is not None
         for child in CORE_CHILDREN
+        if child != CONFIG_MAP
+    )
+    deployment = sandbox.object_of("apps", "v1", "deployments", "default", name)
+    # The ConfigMap's name carries its content's hash: the one the Deployment mounts.
+    return named and deployment is not None and all(
+        sandbox.object_of("", "v1", "configmaps", "default", config_map) is not None
+        for config_map in mounted_config_maps(deployment)
     )
 
 

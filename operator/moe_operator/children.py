@@ -100,13 +100,42 @@ CHILD_RESOURCES: tuple[ChildResource, ...] = (
 )
 
 
-def config_map_name(router_name: str) -> str:
-    return f"{router_name}-config"
+#: Hex digits of the config hash in a ConfigMap's name (40 bits: collisions between one router's configs are moot).
+CONFIG_MAP_HASH_LENGTH = 10
+
+
+def config_map_prefix(router_name: str) -> str:
+    """What every router ConfigMap's name starts with; the config's hash follows."""
+    return f"{router_name}-config-"
+
+
+def config_map_name(router_name: str, config_yaml: str) -> str:
+    """``NAME-config-<hash>``: a new config gets a new immutable ConfigMap, old pods keep reading theirs."""
+    return f"{config_map_prefix(router_name)}{config_hash(config_yaml)[:CONFIG_MAP_HASH_LENGTH]}"
+
+
+def is_config_map_name(router_name: str, name: str) -> bool:
+    """Whether ``name`` has the form of one of this router's hashed ConfigMap names."""
+    prefix = config_map_prefix(router_name)
+    suffix = name[len(prefix):]
+    return (
+        name.startswith(prefix)
+        and len(suffix) == CONFIG_MAP_HASH_LENGTH
+        and all(char in "0123456789abcdef" for char in suffix)
+    )
+
+
+def mounted_config_maps(deployment: Mapping[str, Any]) -> set[str]:
+    """The ConfigMaps a Deployment's pod template mounts as volumes."""
+    volumes = (((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}).get("volumes") or []
+    return {str(volume["configMap"].get("name")) for volume in volumes if isinstance(volume.get("configMap"), Mapping)}
 
 
 def child_name(resource: ChildResource, router_name: str) -> str:
-    """The name a MoERouter's child of this kind has."""
-    return config_map_name(router_name) if resource.kind == CONFIG_MAP.kind else router_name
+    """The name a MoERouter's child of this kind has (every kind but the ConfigMap, whose name carries a hash)."""
+    if resource.kind == CONFIG_MAP.kind:
+        raise ValueError("a router ConfigMap's name depends on its content: use config_map_name(name, config_yaml)")
+    return router_name
 
 
 def pre_stop_seconds(spec: MoERouterSpec) -> int:
@@ -183,10 +212,13 @@ def _child(resource: ChildResource, metadata: Manifest, **body: Any) -> Manifest
 
 
 def desired_config_map(owner: Owner, spec: MoERouterSpec) -> Manifest:
+    """The router.yaml, immutable under a name that carries its hash: a change makes a new ConfigMap."""
+    config_yaml = runtime_file_config(spec).to_yaml()
     return _child(
         CONFIG_MAP,
-        _metadata(owner, config_map_name(owner.name)),
-        data={CONFIG_FILE_NAME: runtime_file_config(spec).to_yaml()},
+        _metadata(owner, config_map_name(owner.name, config_yaml)),
+        immutable=True,
+        data={CONFIG_FILE_NAME: config_yaml},
     )
 
 
@@ -285,7 +317,7 @@ def desired_deployment(owner: Owner, spec: MoERouterSpec) -> Manifest:
         },
         "containers": [_runtime_container(spec)],
         "volumes": [
-            {"name": "config", "configMap": {"name": config_map_name(owner.name)}},
+            {"name": "config", "configMap": {"name": config_map_name(owner.name, config_yaml)}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
             *runtime.volumes,
         ],

@@ -25,7 +25,14 @@ import numpy as np
 import yaml
 
 from moe_operator.api import GROUP, PLURAL, VERSION
-from moe_operator.children import CHILD_RESOURCES, ChildResource, child_name
+from moe_operator.children import (
+    CHILD_RESOURCES,
+    CONFIG_MAP,
+    DEPLOYMENT,
+    ChildResource,
+    child_name,
+    mounted_config_maps,
+)
 from moe_operator.kube import Kube, Resource
 from moe_operator.labels import CONFIG_HASH_ANNOTATION
 from moe_operator.sandbox import SandboxThread, free_port
@@ -115,12 +122,17 @@ def show_operator(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
         return router if ready else None
 
     router = wait_for("the MoERouter to become Ready", ready_router)
-    children = [
+    fixed_names = [
         obj
         for child in CHILD_RESOURCES
+        if child != CONFIG_MAP
         for obj in [get(resource_of(child), child_name(child, name))]
         if obj is not None
     ]
+    deployment = next(obj for obj in fixed_names if obj["kind"] == DEPLOYMENT.kind)
+    # The ConfigMap's name carries its content's hash: the one the pods mount is the current one.
+    mounted = [get(resource_of(CONFIG_MAP), config_map) for config_map in sorted(mounted_config_maps(deployment))]
+    children = [obj for obj in mounted if obj is not None] + fixed_names
     banner(f"Children of MoERouter {namespace}/{name} (owned by it, labelled managed-by=moe-router-operator)")
     print(table(["KIND", "NAME", "DETAILS"], [[o["kind"], o["metadata"]["name"], child_summary(o)] for o in children]))
     status = router["status"]

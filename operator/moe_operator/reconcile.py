@@ -28,9 +28,12 @@ from moe_operator.children import (
     Owner,
     child_name,
     desired_children,
+    desired_config_map,
+    is_config_map_name,
+    mounted_config_maps,
 )
 from moe_operator.kube import MOEROUTERS, Kube, KubeError
-from moe_operator.labels import FIELD_MANAGER, HANDOVER_FIELD_MANAGER
+from moe_operator.labels import FIELD_MANAGER, HANDOVER_FIELD_MANAGER, MANAGED_BY_LABEL, OPERATOR_NAME, ROUTER_LABEL
 from moe_operator.scaling.metrics import scaling_metrics
 from moe_operator.status import DEGRADED, Problem, desired_status, status_patch
 
@@ -70,6 +73,9 @@ _unreadable_kinds: set[str] = set()
 #: (kind, namespace, name) -> the resourceVersion of a child last seen in sync (our apply or our check).
 _in_sync: dict[tuple[str, str, str], str] = {}
 
+#: (namespace, router, uid) -> the ConfigMap left alone by the last prune: a settled router skips the list.
+_config_maps_pruned: dict[tuple[str, str, str], str] = {}
+
 
 def lock_for(namespace: str, name: str) -> asyncio.Lock:
     """One lock per MoERouter: reconciles of the same object never interleave."""
@@ -79,9 +85,16 @@ def lock_for(namespace: str, name: str) -> asyncio.Lock:
 def forget(namespace: str, name: str) -> None:
     """Drop what the process remembers about a deleted MoERouter (locks, sync marks, metric series)."""
     _locks.pop((namespace, name), None)
+    for pruned in [key for key in _config_maps_pruned if key[:2] == (namespace, name)]:
+        del _config_maps_pruned[pruned]
     scaling_metrics().forget(namespace, name)
     for resource in CHILD_RESOURCES:
-        _in_sync.pop((resource.kind, namespace, child_name(resource, name)), None)
+        if resource != CONFIG_MAP:
+            _in_sync.pop((resource.kind, namespace, child_name(resource, name)), None)
+    config_maps = [key for key in _in_sync if key[:2] == (CONFIG_MAP.kind, namespace)]
+    for key in config_maps:
+        if is_config_map_name(name, key[2]):
+            del _in_sync[key]
 
 
 def _remember(kind: str, obj: Mapping[str, Any] | None) -> None:
@@ -362,6 +375,8 @@ async def _apply_children(
                 raise
             outcome.applied.append(f"{child['kind']}/{name}")
             CHILD_WRITES.labels(kind=child["kind"], action="apply").inc()
+            if resource == CONFIG_MAP:  # a new config: the one it replaces needs pruning, even if reverted to
+                _config_maps_pruned.pop((owner.namespace, owner.name, owner.uid), None)
         _remember(child["kind"], actual)
         if resource == DEPLOYMENT:
             deployment = actual
@@ -381,7 +396,61 @@ async def _apply_children(
         if stale is not None and _owned_by(stale, owner) and await kube.delete(resource, owner.namespace, name):
             outcome.pruned.append(f"{resource.kind}/{name}")
             CHILD_WRITES.labels(kind=resource.kind, action="prune").inc()
+    if CONFIG_MAP.kind not in conflicted and deployment is not None:
+        current = next(child["metadata"]["name"] for child in desired if child["kind"] == CONFIG_MAP.kind)
+        await prune_config_maps(kube, owner, current, deployment, outcome)
     return deployment, (problems[0] if problems else None)
+
+
+def rollout_complete(deployment: Mapping[str, Any]) -> bool:
+    """Whether every pod of the Deployment runs its current template (no old ReplicaSet has pods left).
+
+    As ``kubectl rollout status``: the controller saw the latest generation and the updated, total and
+    available replica counts all equal spec.replicas (zero replicas: no pod at all).
+    """
+    metadata = deployment.get("metadata") or {}
+    spec = deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    observed, generation = status.get("observedGeneration"), metadata.get("generation")
+    if observed is None or (generation is not None and observed < generation):
+        return False
+    wanted = int(spec.get("replicas", 1))
+    counts = (status.get("updatedReplicas"), status.get("replicas"), status.get("availableReplicas"))
+    return all(int(count or 0) == wanted for count in counts)
+
+
+async def prune_config_maps(
+    kube: Kube, owner: Owner, current: str, deployment: Mapping[str, Any], outcome: Outcome
+) -> None:
+    """Delete this router's ConfigMaps other than ``current`` once no pod can mount them again.
+
+    Old pods keep reading their own (immutable) ConfigMap while a rollout runs or is stuck, and a
+    restarted or added old pod must still find it: so only a complete rollout of a template that
+    mounts ``current`` frees the others. Deleting the MoERouter removes them all (owner references).
+    """
+    if current not in mounted_config_maps(deployment) or not rollout_complete(deployment):
+        return
+    key = (owner.namespace, owner.name, owner.uid)
+    if _config_maps_pruned.get(key) == current:
+        return  # pruned already for this config: a settled router sends no list request
+    selector = f"{MANAGED_BY_LABEL}={OPERATOR_NAME},{ROUTER_LABEL}={owner.name}"
+    for config_map in await kube.list(CONFIG_MAP, owner.namespace, label_selector=selector):
+        name = str((config_map.get("metadata") or {}).get("name"))
+        if name == current or not _owned_by(config_map, owner):
+            continue
+        try:
+            deleted = await kube.delete(CONFIG_MAP, owner.namespace, name)
+        except KubeError as exc:
+            if not _rbac_denied(exc):
+                raise
+            # Harmless to serving: the old ConfigMaps stay (retried next time) until the MoERouter is deleted.
+            log.warning("cannot prune ConfigMap %s/%s (%s): grant delete on configmaps", owner.namespace, name,
+                        exc.message)
+            return
+        if deleted:
+            outcome.pruned.append(f"{CONFIG_MAP.kind}/{name}")
+            CHILD_WRITES.labels(kind=CONFIG_MAP.kind, action="prune").inc()
+    _config_maps_pruned[key] = current
 
 
 async def refresh_from_child(kube: Kube, child: Mapping[str, Any], *, deleted: bool) -> Outcome | None:
@@ -422,6 +491,8 @@ async def refresh_from_child(kube: Kube, child: Mapping[str, Any], *, deleted: b
         resource = next((r for r in CHILD_RESOURCES if r.kind == child.get("kind")), None)
         if resource is None:
             return Outcome()
+        if resource == CONFIG_MAP and wanted is None:
+            return Outcome()  # an older config (kept for old pods, or just pruned): nothing to restore
         # Events can queue up behind others: judge the child as it is now, not as the event saw it.
         current = None if deleted else await kube.get(resource, namespace, str(metadata.get("name")))
         if current is None or (wanted is not None and drift.child_drift(wanted, current)):
@@ -437,6 +508,8 @@ async def refresh_from_child(kube: Kube, child: Mapping[str, Any], *, deleted: b
             outcome.status_written = await write_status(
                 kube, owner_body, spec=spec, deployment=current, problem=problem, now=datetime.now(tz=UTC)
             )
+            # A finished rollout frees the ConfigMaps only old pods mounted.
+            await prune_config_maps(kube, owner, desired_config_map(owner, spec)["metadata"]["name"], current, outcome)
             return outcome
         return Outcome()
 

@@ -5,9 +5,9 @@ operator relies on filled in: uid, resourceVersion, creationTimestamp, ``metadat
 on spec changes, label and field selectors on list/watch, watch resumption from a resourceVersion,
 merge / JSON / strategic-merge patches, server-side apply (create when absent, merge, drop the fields
 a field manager stopped applying), the ``/status`` and ``/scale`` subresources, finalizers,
-owner-reference cascade on delete, ``generateName``, API discovery of the built-in kinds the operator
-touches and of the MoERouter CRD (with kubectl's short names, e.g. ``kubectl get moer``), and just
-enough OpenAPI v3 for ``kubectl apply`` to use server-side field validation.
+owner-reference cascade on delete, immutable ConfigMaps and Secrets, ``generateName``, API discovery
+of the built-in kinds the operator touches and of the MoERouter CRD (with kubectl's short names, e.g.
+``kubectl get moer``), and just enough OpenAPI v3 for ``kubectl apply`` to use server-side field validation.
 
 Two clearly fake controllers stand in for kube-controller-manager so that ``Ready`` can be shown:
 the *fake deployment controller* fills ``Deployment.status`` a short delay after each spec change,
@@ -853,6 +853,7 @@ class Sandbox(kmock.KubernetesEmulator):
             added = set(new_meta.get("finalizers") or []) - set(old_meta.get("finalizers") or [])
             if added:
                 raise ApiError(422, "Invalid", "no new finalizers can be added to an object being deleted")
+        _check_immutable(resource, old, new)
         if subresource is None:
             self._default(resource, new)
         entry = next((item for item in new_meta["managedFields"]
@@ -1173,6 +1174,20 @@ class Sandbox(kmock.KubernetesEmulator):
         """Wait until the fake controllers have nothing left to do."""
         while self._controller_tasks:
             await asyncio.gather(*list(self._controller_tasks), return_exceptions=True)
+
+
+#: The fields an ``immutable: true`` ConfigMap or Secret may never change again (``immutable`` included).
+IMMUTABLE_FIELDS = ("immutable", "data", "binaryData", "stringData")
+
+
+def _check_immutable(resource: kmock.resource, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """The API server's rule for immutable ConfigMaps and Secrets: only their metadata may change."""
+    if resource.group != "" or resource.plural not in ("configmaps", "secrets") or old.get("immutable") is not True:
+        return
+    for field in IMMUTABLE_FIELDS:
+        if new.get(field) != old.get(field):
+            raise ApiError(422, "Invalid", f'{old.get("kind")} "{old["metadata"]["name"]}" is invalid: '
+                           f"{field}: Forbidden: field is immutable when `immutable` is set")
 
 
 def _spec_of(obj: Mapping[str, Any]) -> JSON:

@@ -167,8 +167,10 @@ def test_moerouter_becomes_ready_with_all_its_children(kubeconfig: Path, moerout
     name = moerouter["metadata"]["name"]
     kubectl(kubeconfig, "-n", NAMESPACE, "wait", f"moerouter/{name}", "--for=condition=Ready", "--timeout=600s")
     uid = get(kubeconfig, "moerouter", name)["metadata"]["uid"]
+    volumes = get(kubeconfig, "deployment", name)["spec"]["template"]["spec"]["volumes"]
+    (config_map,) = [volume["configMap"]["name"] for volume in volumes if "configMap" in volume]
     for kind, child in (
-        ("configmap", f"{name}-config"),
+        ("configmap", config_map),
         ("deployment", name),
         ("service", name),
         ("horizontalpodautoscaler", name),

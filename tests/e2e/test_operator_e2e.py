@@ -103,8 +103,9 @@ class Cluster:
         self.resource(api_version, kind).delete(name=name, namespace=self.namespace)
 
 
+#: The ConfigMap's name carries its content's hash: ``_children`` finds it through the Deployment.
 CHILDREN = (
-    ("v1", "ConfigMap", "e2e-router-config"),
+    ("v1", "ConfigMap", ""),
     ("apps/v1", "Deployment", "e2e-router"),
     ("v1", "Service", "e2e-router"),
     ("autoscaling/v2", "HorizontalPodAutoscaler", "e2e-router"),
@@ -156,8 +157,18 @@ def _served(cluster: Cluster) -> bool:
     return True
 
 
+def _config_map_name(k8s: Cluster) -> str | None:
+    deployment = k8s.get("apps/v1", "Deployment", "e2e-router")
+    if not deployment:
+        return None
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    return next(volume["configMap"]["name"] for volume in volumes if volume.get("configMap"))
+
+
 def _children(k8s: Cluster) -> dict[str, dict[str, Any]]:
-    found = {kind: k8s.get(api_version, kind, name) for api_version, kind, name in CHILDREN}
+    found = {kind: k8s.get(api_version, kind, name) for api_version, kind, name in CHILDREN if name}
+    config_map = _config_map_name(k8s)
+    found["ConfigMap"] = k8s.get("v1", "ConfigMap", config_map) if config_map else None
     return {kind: child for kind, child in found.items() if child}
 
 
@@ -209,8 +220,8 @@ def test_4_steady_state_writes_nothing(k8s: Cluster) -> None:
 
     def versions() -> dict[str, str]:
         # Kinds no cluster controller writes to: any change would be the operator's.
-        kinds = [child for child in CHILDREN if child[1] in ("ConfigMap", "NetworkPolicy")]
-        return {kind: (k8s.get(v, kind, name) or {})["metadata"]["resourceVersion"] for v, kind, name in kinds}
+        children = _children(k8s)
+        return {kind: children[kind]["metadata"]["resourceVersion"] for kind in ("ConfigMap", "NetworkPolicy")}
 
     before, requests_before = versions(), operator_requests(k8s)
     time.sleep(8)  # four drift resyncs at MOE_OPERATOR_RESYNC_SECONDS=2

@@ -12,19 +12,30 @@ from tests.integration.operator.harness import ROUTERS, Cluster, cluster, eventu
 
 pytestmark = pytest.mark.timeout(90)
 
-CHILDREN = (
-    ("", "v1", "configmaps", "demo-router-config"),
+#: The children with fixed names; the ConfigMap's name carries its content's hash (``demo-router-config-<hash>``).
+NAMED_CHILDREN = (
     ("apps", "v1", "deployments", "demo-router"),
     ("", "v1", "services", "demo-router"),
     ("autoscaling", "v2", "horizontalpodautoscalers", "demo-router"),
     ("networking.k8s.io", "v1", "networkpolicies", "demo-router"),
     ("policy", "v1", "poddisruptionbudgets", "demo-router"),
 )
+CHILD_KINDS = len(NAMED_CHILDREN) + 1
 SERVICES = "/api/v1/namespaces/default/services"
 
 
+def config_maps(k8s: Cluster) -> list[dict]:
+    """Every ConfigMap of the router, current or kept for old pods."""
+    return [config_map for config_map in k8s.sandbox.items("", "v1", "configmaps", "default")
+            if config_map["metadata"]["name"].startswith("demo-router-config-")]
+
+
 def children(k8s: Cluster) -> dict[str, dict]:
-    found = {plural: k8s.get(group, version, plural, name) for group, version, plural, name in CHILDREN}
+    """The router's children by plural; the ConfigMap is the one its Deployment mounts."""
+    found = {plural: k8s.get(group, version, plural, name) for group, version, plural, name in NAMED_CHILDREN}
+    if found["deployments"] is not None:
+        (volume,) = [v for v in found["deployments"]["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+        found["configmaps"] = k8s.get("", "v1", "configmaps", volume["configMap"]["name"])
     return {plural: child for plural, child in found.items() if child is not None}
 
 
@@ -42,7 +53,7 @@ async def ready_router(k8s: Cluster) -> dict:
 async def test_create_makes_every_child_with_an_owner_reference(tmp_path):
     async with cluster(tmp_path) as k8s:
         await k8s.apply_router(example_router())
-        found = await eventually(lambda: children(k8s) if len(children(k8s)) == len(CHILDREN) else None,
+        found = await eventually(lambda: children(k8s) if len(children(k8s)) == CHILD_KINDS else None,
                                  message="all six children")
         router = k8s.router()
         for child in found.values():
@@ -63,7 +74,7 @@ async def test_other_tools_annotations_stay_off_the_children(tmp_path):
             "team": "ml-platform",
         }
         await k8s.apply_router(body)
-        await eventually(lambda: children(k8s) if len(children(k8s)) == len(CHILDREN) else None,
+        await eventually(lambda: children(k8s) if len(children(k8s)) == CHILD_KINDS else None,
                          message="all six children")
         # kopf records the handled spec on the router after the handler has applied the children.
         await eventually(
@@ -107,9 +118,27 @@ async def test_spec_change_updates_children_and_rolls_the_pods(tmp_path):
             message="the Deployment's template changed",
         )
         assert after["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] != old_hash
-        assert "topP: 0.65" in k8s.get("", "v1", "configmaps", "demo-router-config")["data"]["router.yaml"]
+        assert "topP: 0.65" in children(k8s)["configmaps"]["data"]["router.yaml"]
         await eventually(lambda: k8s.router()["status"].get("observedGeneration") == 2,
                          message="status.observedGeneration follows the spec")
+
+
+async def test_a_config_change_rolls_onto_a_new_config_map_and_the_old_one_goes_after_the_rollout(tmp_path):
+    async with cluster(tmp_path, resync_seconds=60, ready_delay=2.0) as k8s:
+        await ready_router(k8s)
+        (old,) = [config_map["metadata"]["name"] for config_map in config_maps(k8s)]
+        await k8s.patch_router("demo-router", {"spec": {"router": {"topP": 0.65}}})
+        def names(count: int) -> set[str] | None:
+            found = {config_map["metadata"]["name"] for config_map in config_maps(k8s)}
+            return found if len(found) == count else None
+
+        both = await eventually(lambda: names(2), message="a second ConfigMap for the new config")
+        assert old in both  # kept while the pods roll
+        # The fake deployment controller reports the rollout done: the Deployment's event prunes (resync is 60 s away).
+        await eventually(lambda: names(1), message="the old ConfigMap pruned after the rollout")
+        (kept,) = config_maps(k8s)
+        assert kept["metadata"]["name"] != old and "topP: 0.65" in kept["data"]["router.yaml"]
+        assert kept["metadata"]["name"] == children(k8s)["configmaps"]["metadata"]["name"]
 
 
 async def test_turning_a_feature_off_prunes_its_child(tmp_path):
@@ -118,7 +147,7 @@ async def test_turning_a_feature_off_prunes_its_child(tmp_path):
         await k8s.patch_router("demo-router", {"spec": {"podDisruptionBudget": {"enabled": False}}})
         await eventually(lambda: k8s.get("policy", "v1", "poddisruptionbudgets", "demo-router") is None,
                          message="the PodDisruptionBudget is deleted")
-        assert len(children(k8s)) == len(CHILDREN) - 1
+        assert len(children(k8s)) == CHILD_KINDS - 1
 
 
 async def test_a_child_deleted_by_hand_is_restored(tmp_path):
@@ -153,7 +182,8 @@ async def test_deleting_the_router_deletes_its_children(tmp_path):
         await ready_router(k8s)
         await k8s.delete("/apis/moerouter.io/v1alpha1/namespaces/default/moerouters/demo-router")
         await eventually(lambda: k8s.router() is None, message="the finalizer is released and the router gone")
-        await eventually(lambda: not children(k8s), message="owner-reference cascade removed every child")
+        await eventually(lambda: not children(k8s) and not config_maps(k8s),
+                         message="owner-reference cascade removed every child")
 
 
 async def test_steady_state_sends_zero_writes_across_resyncs(tmp_path):
@@ -175,7 +205,8 @@ async def test_restarted_operator_resumes_without_writes(tmp_path):
         await asyncio.sleep(0.5)
     # A second operator process against a fresh sandbox holding the same objects.
     state = [(ROUTERS, k8s.router())] + [
-        ((group, version, plural), k8s.get(group, version, plural, name)) for group, version, plural, name in CHILDREN
+        ((child["apiVersion"].rpartition("/")[0], child["apiVersion"].rpartition("/")[2], plural), child)
+        for plural, child in children(k8s).items()
     ]
     (tmp_path / "again").mkdir()
     async with cluster(tmp_path / "again", objects=tuple(state)) as again:
@@ -202,7 +233,7 @@ async def test_a_missing_secret_degrades_with_a_warning_and_keeps_the_children(t
             message="a Warning event",
         )
         assert events[0]["involvedObject"]["name"] == "demo-router"
-        assert len(children(k8s)) == len(CHILDREN)
+        assert len(children(k8s)) == CHILD_KINDS
         assert deployment(k8s)["metadata"]["generation"] == running["metadata"]["generation"]
 
         # The retry with backoff picks up the Secret once it exists.
@@ -247,8 +278,8 @@ async def test_liveness_and_metrics_endpoints_answer(tmp_path):
 async def test_the_child_watches_ask_the_api_server_for_the_operators_own_objects_only(tmp_path):
     async with cluster(tmp_path) as k8s:
         await k8s.apply_router(example_router())
-        await eventually(lambda: len(children(k8s)) == len(CHILDREN), message="all six children")
-        plurals = {plural for _, _, plural, _ in CHILDREN}
+        await eventually(lambda: len(children(k8s)) == CHILD_KINDS, message="all six children")
+        plurals = {plural for _, _, plural, _ in NAMED_CHILDREN} | {"configmaps"}
 
         def watches() -> dict[str, str] | None:
             found = {call.resource: call.label_selector for call in k8s.operator_calls() if call.verb == "watch"}
@@ -278,5 +309,5 @@ async def test_monitoring_children_without_rbac_degrade_with_a_warning_and_the_r
         )
         await eventually(lambda: (k8s.condition("demo-router", "Ready") or {}).get("status") == "True",
                          message="Ready=True from the runtime Deployment")
-        assert len(children(k8s)) == len(CHILDREN)
+        assert len(children(k8s)) == CHILD_KINDS
         assert (k8s.condition("demo-router", "Degraded") or {}).get("reason") == "MonitoringNotPermitted"

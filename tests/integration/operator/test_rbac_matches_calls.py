@@ -37,7 +37,6 @@ FORBIDDEN_IS_HANDLED: dict[Permission, str] = {
 #: Granted by the chart but never needed: these children always exist while their MoERouter does and
 #: the garbage collector (not the operator) deletes them. Reported to the chart's owner; may be dropped.
 KNOWN_EXCESS: set[Permission] = {
-    ("", "configmaps", "delete"),
     ("", "services", "delete"),
     ("apps", "deployments", "delete"),
 }
@@ -81,6 +80,10 @@ async def scenario(tmp_path) -> list[Call]:
                          message="Ready", within=WAIT)
         await k8s.delete("/api/v1/namespaces/default/services/demo-router")
         await eventually(lambda: k8s.get("", "v1", "services", "demo-router"), message="Service restored", within=WAIT)
+        await k8s.patch_router("demo-router", {"spec": {"router": {"topP": 0.65}}})
+        await eventually(lambda: [("topP: 0.65" in cm["data"]["router.yaml"])
+                                  for cm in k8s.sandbox.items("", "v1", "configmaps", "default")] == [True],
+                         message="a new ConfigMap, the old one pruned after the rollout", within=WAIT)
         await k8s.patch_router("demo-router", {"spec": {
             "podDisruptionBudget": {"enabled": False},
             "networkPolicy": {"enabled": False},

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from moe_operator.api import parse_spec
+from moe_operator.children import Owner, desired_config_map
 from moe_operator.kube import MOEROUTERS, Kube
 from moe_operator.reconcile import reconcile
 from moe_operator.sandbox import Running, serve
@@ -156,12 +158,14 @@ async def test_a_missing_prometheus_credential_secret_does_not_hold_back_the_chi
 
 async def test_a_deployment_is_not_applied_while_its_configmap_belongs_to_someone_else(sandbox):
     running, kube = sandbox
+    router = example_router("r")
+    name = desired_config_map(Owner.from_body(router), parse_spec(router["spec"]))["metadata"]["name"]
     running.sandbox.seed("", "v1", "configmaps", {
-        "metadata": {"name": "r-config", "namespace": "default"}, "data": {"router.yaml": "router: {}\n"},
+        "metadata": {"name": name, "namespace": "default"}, "data": {"router.yaml": "router: {}\n"},
     })
     outcome = await reconcile(kube, await created_router(running, kube), trigger="test")
     assert outcome.problem is not None and outcome.problem.reason == "ChildConflict"
-    assert "ConfigMap default/r-config" in outcome.problem.message
+    assert f"ConfigMap default/{name}" in outcome.problem.message
     assert running.sandbox.object_of("apps", "v1", "deployments", "default", "r") is None
     assert "Service/r" in outcome.applied
 

@@ -69,6 +69,7 @@ OPERATOR_CALLS = {
         for group, resource in (("", "configmaps"), ("", "services"), ("apps", "deployments"))
         for verb in ("get", "list", "watch", "create", "patch")
     },
+    ("", "configmaps", "delete"),  # the immutable ConfigMaps of earlier configs, once a rollout completes
     *{
         (group, resource, verb)
         for group, resource in (

@@ -12,11 +12,16 @@ import yaml
 from moe_operator.api import parse_spec
 from moe_operator.children import (
     CHILD_RESOURCES,
+    CONFIG_MAP,
     Owner,
+    child_name,
+    config_hash,
     desired_children,
     desired_deployment,
     desired_hpa,
     desired_network_policy,
+    is_config_map_name,
+    mounted_config_maps,
     runtime_file_config,
 )
 from moe_operator.labels import CONFIG_HASH_ANNOTATION, selector_labels
@@ -133,6 +138,46 @@ def test_config_map_holds_the_config_the_runtime_reads_back() -> None:
     assert loaded.router == spec.router
     assert loaded.server.port == 9000
     assert loaded == runtime_file_config(spec)
+
+
+def config_map_and_deployment(wire: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    children = by_kind(desired_children(OWNER, parse_spec(wire)))
+    return children["ConfigMap"], children["Deployment"]
+
+
+def test_the_config_map_is_immutable_and_named_after_its_content_hash() -> None:
+    config_map, _ = config_map_and_deployment({})
+    digest = config_hash(config_map["data"]["router.yaml"])[:10]
+    assert config_map["metadata"]["name"] == f"r1-config-{digest}"
+    assert config_map["immutable"] is True
+
+
+def test_the_deployment_mounts_the_config_map_of_its_own_config() -> None:
+    config_map, deployment = config_map_and_deployment({"router": {"topP": 0.7}})
+    assert mounted_config_maps(deployment) == {config_map["metadata"]["name"]}
+
+
+def test_the_config_map_name_is_stable_for_an_unchanged_config_and_new_for_a_changed_one() -> None:
+    def name_of(wire: dict[str, Any]) -> str:
+        return str(config_map_and_deployment(wire)[0]["metadata"]["name"])
+
+    base = name_of({"router": {"topP": 0.9}})
+    assert name_of({"router": {"topP": 0.9}}) == base
+    assert name_of({"router": {"topP": 0.9}, "autoscaling": {"enabled": True, "maxReplicas": 40}}) == base
+    assert name_of({"router": {"topP": 0.8}}) != base
+
+
+def test_only_hashed_config_map_names_of_the_router_are_recognised() -> None:
+    assert is_config_map_name("r1", "r1-config-0123456789")
+    assert not is_config_map_name("r1", "r1-config")  # the fixed name of earlier versions
+    assert not is_config_map_name("r1", "r1-config-0123456789-config-abcdefabcd")  # router r1-config-0123456789's
+    assert not is_config_map_name("r1", "r1-config-0123456789a")
+    assert not is_config_map_name("r1", "r1-config-ABCDEF0123")
+
+
+def test_the_config_map_has_no_fixed_child_name() -> None:
+    with pytest.raises(ValueError, match="config_map_name"):
+        child_name(CONFIG_MAP, "r1")
 
 
 def test_foreign_and_bookkeeping_annotations_are_not_copied_to_children() -> None:
