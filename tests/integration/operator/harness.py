@@ -18,6 +18,7 @@ import aiohttp
 import yaml
 
 from moe_operator import sandbox as sandbox_module
+from moe_operator.kube import Kube
 from moe_operator.sandbox import Call, Running, Sandbox
 
 REPO = Path(__file__).resolve().parents[3]
@@ -26,6 +27,20 @@ TEST_AGENT = "kubectl-test/1.0"
 ROUTERS = ("moerouter.io", "v1alpha1", "moerouters")
 
 T = TypeVar("T")
+
+
+@contextlib.asynccontextmanager
+async def sandbox_with_client(
+    kubeconfig: Path, monkeypatch: Any, *, ready_delay: float
+) -> AsyncIterator[tuple[Running, Kube]]:
+    """The API sandbox and the operator's own client pointed at it (``KUBECONFIG`` set for the test)."""
+    async with sandbox_module.serve(kubeconfig, ready_delay=ready_delay) as running:
+        monkeypatch.setenv("KUBECONFIG", str(running.kubeconfig_path))
+        kube = Kube.from_environment()
+        try:
+            yield running, kube
+        finally:
+            kube.close()
 
 
 def example_router(name: str = "demo-router") -> dict[str, Any]:

@@ -17,19 +17,14 @@ from moe_operator.children import CONFIG_MAP, DEPLOYMENT, Owner, desired_config_
 from moe_operator.kube import MOEROUTERS, Kube, KubeError
 from moe_operator.labels import common_labels
 from moe_operator.reconcile import reconcile, refresh_from_child
-from moe_operator.sandbox import Running, serve
-from tests.integration.operator.harness import example_router
+from moe_operator.sandbox import Running
+from tests.integration.operator.harness import example_router, sandbox_with_client
 
 
 @pytest.fixture
 async def sandbox(tmp_path, monkeypatch) -> AsyncIterator[tuple[Running, Kube]]:
-    async with serve(tmp_path / "kubeconfig", ready_delay=3600) as running:
-        monkeypatch.setenv("KUBECONFIG", str(running.kubeconfig_path))
-        kube = Kube.from_environment()
-        try:
-            yield running, kube
-        finally:
-            kube.close()
+    async with sandbox_with_client(tmp_path / "kubeconfig", monkeypatch, ready_delay=3600) as pair:
+        yield pair
 
 
 def merged(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

@@ -13,19 +13,14 @@ from moe_operator.api import parse_spec
 from moe_operator.children import Owner, desired_config_map
 from moe_operator.kube import MOEROUTERS, Kube
 from moe_operator.reconcile import reconcile
-from moe_operator.sandbox import Running, serve
-from tests.integration.operator.harness import example_router
+from moe_operator.sandbox import Running
+from tests.integration.operator.harness import example_router, sandbox_with_client
 
 
 @pytest.fixture
 async def sandbox(tmp_path, monkeypatch) -> AsyncIterator[tuple[Running, Kube]]:
-    async with serve(tmp_path / "kubeconfig", ready_delay=0.05) as running:
-        monkeypatch.setenv("KUBECONFIG", str(running.kubeconfig_path))
-        kube = Kube.from_environment()
-        try:
-            yield running, kube
-        finally:
-            kube.close()
+    async with sandbox_with_client(tmp_path / "kubeconfig", monkeypatch, ready_delay=0.05) as pair:
+        yield pair
 
 
 async def created_router(running: Running, kube: Kube, spec_patch: dict[str, Any] | None = None) -> dict:
