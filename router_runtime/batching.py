@@ -7,8 +7,9 @@ keeps accepting connections. When the queue is full ``submit`` raises ``Overload
 answers 503 with ``Retry-After`` instead of letting memory and latency grow without bound.
 
 The event-loop side is kept cheap because it runs once per request: a deque and one future per request,
-no task or ``wait_for`` per request, one executor hand-off per batch. Per-request checks that read the
-whole tensor (``validate``) run on the worker thread right after the request is copied into the batch.
+no task or ``wait_for`` per request, one executor hand-off per batch. The processor gets the requests'
+arrays where they lie (a router that reads each one in place needs no copy); ``BatchSlab`` gathers them
+into one reused buffer for a processor that needs a contiguous batch, validating each on the way.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import numpy as np
 
 Result = TypeVar("Result")
 
-#: ``process(tokens [N, d], sizes)`` routes a concatenated batch and returns one result per request; it must
-#: not keep ``tokens`` after returning (the buffer is reused for the next batch).
-BatchProcessor = Callable[[np.ndarray, Sequence[int]], Sequence[Result]]
+#: ``process(parts)`` routes the queued requests' token arrays (``[T_i, d]`` each, in arrival order) as one
+#: batch and returns, per request, its result or the exception to fail that request with. It must not keep the
+#: arrays after returning (their buffers take later requests).
+BatchProcessor = Callable[[Sequence[np.ndarray]], Sequence[Result | Exception]]
 #: ``validate(tokens [T, d])`` of one request on the worker thread: the exception to fail it with, or None.
 Validator = Callable[[np.ndarray], Exception | None]
 #: ``allocate(shape, dtype)``: the batch buffer (pinned host memory when the router copies it to a GPU).
@@ -35,6 +37,52 @@ Allocator = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 def _host_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.empty(shape, dtype=dtype)
+
+
+class BatchSlab:
+    """One reused buffer that a batch's requests are copied into, for a processor that needs them contiguous.
+
+    A fresh multi-megabyte array per batch costs page faults and zeroing; this one grows to the largest
+    batch and stays. Each request is validated right after its copy, while its rows are still in cache:
+    on the event loop the same check would read megabytes fresh from memory that the socket read had
+    just written there.
+    """
+
+    def __init__(self, allocate: Allocator = _host_array, min_rows: int = 0) -> None:
+        self._allocate = allocate
+        self._min_rows = min_rows
+        self._slab: np.ndarray | None = None
+
+    def gather(
+        self, parts: Sequence[np.ndarray], validate: Validator | None = None
+    ) -> tuple[np.ndarray, list[int], dict[int, Exception]]:
+        """``(tokens, sizes, rejected)``: the valid requests' rows in one array, their row counts in order,
+        and the failed ones' exceptions by index. A single contiguous writeable request is used as it is."""
+        rejected: dict[int, Exception] = {}
+        first = parts[0]
+        if len(parts) == 1 and first.flags.writeable and first.flags.c_contiguous:
+            error = validate(first) if validate is not None else None
+            if error is not None:
+                return first[:0], [], {0: error}
+            return first, [first.shape[0]], rejected
+        rows = sum(part.shape[0] for part in parts)
+        shape = (rows, *first.shape[1:])
+        slab = self._slab
+        if slab is None or slab.dtype != first.dtype or slab.shape[1:] != shape[1:] or slab.shape[0] < rows:
+            slab = self._allocate((max(rows, self._min_rows), *shape[1:]), first.dtype)
+            self._slab = slab
+        sizes: list[int] = []
+        end = 0
+        for index, part in enumerate(parts):
+            target = slab[end : end + part.shape[0]]
+            np.copyto(target, part)
+            error = validate(target) if validate is not None else None
+            if error is None:
+                end += part.shape[0]
+                sizes.append(part.shape[0])
+            else:  # left out: the next request's rows overwrite it
+                rejected[index] = error
+        return slab[:end], sizes, rejected
 
 
 class Overloaded(Exception):
@@ -68,14 +116,10 @@ class DynamicBatcher(Generic[Result]):
         max_batch_tokens: int,
         max_delay_s: float,
         max_queue_requests: int,
-        validate: Validator | None = None,
-        allocate: Allocator = _host_array,
     ) -> None:
         if max_batch_tokens < 1 or max_queue_requests < 1 or max_delay_s < 0:
             raise ValueError("max_batch_tokens and max_queue_requests must be >= 1 and max_delay_s >= 0")
         self._process = process
-        self._validate = validate
-        self._allocate = allocate
         self.max_batch_tokens = max_batch_tokens
         self.max_delay_s = max_delay_s
         self.max_queue_requests = max_queue_requests
@@ -87,7 +131,6 @@ class DynamicBatcher(Generic[Result]):
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
         self._idle = asyncio.Event()
-        self._slab: np.ndarray | None = None
 
     @property
     def queued(self) -> int:
@@ -177,43 +220,6 @@ class DynamicBatcher(Generic[Result]):
         self._pending_tokens -= tokens
         return [item for item in batch if not item.future.done()]
 
-    def _concatenate_and_process(self, arrays: list[np.ndarray]) -> tuple[Sequence[Result], dict[int, Exception]]:
-        """On the worker thread: copy the requests into one batch, validate each, route the valid ones.
-
-        Returns the results of the valid requests in order and the rejected ones by index. Each request
-        is validated right after its copy, while its rows are still in cache: on the event loop the same
-        check would read megabytes fresh from memory that the socket read had just written there.
-        """
-        validate = self._validate
-        rejected: dict[int, Exception] = {}
-        first = arrays[0]
-        if len(arrays) == 1 and first.flags.writeable and first.flags.c_contiguous:
-            error = validate(first) if validate is not None else None
-            if error is not None:
-                return [], {0: error}
-            return self._process(first, [first.shape[0]]), rejected
-        # Into one reused buffer: a fresh multi-megabyte array per batch costs page faults and zeroing.
-        rows = sum(array.shape[0] for array in arrays)
-        shape = (rows, *first.shape[1:])
-        slab = self._slab
-        if slab is None or slab.dtype != first.dtype or slab.shape[1:] != shape[1:] or slab.shape[0] < rows:
-            slab = self._allocate((max(rows, self.max_batch_tokens), *shape[1:]), first.dtype)
-            self._slab = slab
-        sizes: list[int] = []
-        end = 0
-        for index, array in enumerate(arrays):
-            part = slab[end : end + array.shape[0]]
-            np.copyto(part, array)
-            error = validate(part) if validate is not None else None
-            if error is None:
-                end += array.shape[0]
-                sizes.append(array.shape[0])
-            else:  # left out: the next request's rows overwrite it
-                rejected[index] = error
-        if not sizes:
-            return [], rejected
-        return self._process(slab[:end], sizes), rejected
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -232,19 +238,18 @@ class DynamicBatcher(Generic[Result]):
                 continue
             try:
                 arrays = [item.tokens for item in batch]
-                results, rejected = await loop.run_in_executor(self._executor, self._concatenate_and_process, arrays)
+                outcomes = await loop.run_in_executor(self._executor, self._process, arrays)
+                if len(outcomes) != len(batch):
+                    raise RuntimeError(f"the batch processor answered {len(outcomes)} of {len(batch)} requests")
             except Exception as exc:  # a routing failure fails this batch's requests, not the worker
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
             else:
-                routed = iter(results)
-                for index, item in enumerate(batch):
-                    outcome = rejected.get(index)
-                    if item.future.done():
-                        if outcome is None:
-                            next(routed)
-                    elif outcome is not None:
+                for item, outcome in zip(batch, outcomes, strict=True):
+                    if item.future.done():  # its client went away
+                        continue
+                    if isinstance(outcome, Exception):
                         item.future.set_exception(outcome)
                     else:
-                        item.future.set_result(next(routed))
+                        item.future.set_result(outcome)

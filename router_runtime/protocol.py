@@ -257,6 +257,32 @@ def non_finite_error(tokens: np.ndarray) -> ProtocolError | None:
     return ProtocolError(400, f"input {INPUT_NAME!r} contains NaN or Inf")
 
 
+def rejected_by_gate(logits: np.ndarray, parts: Sequence[np.ndarray]) -> dict[int, ProtocolError]:
+    """The 400s of requests (``parts``, whose rows make up ``logits [T, L]`` in order) whose gate logits are not
+    finite, by index.
+
+    A NaN or Inf anywhere in a token makes every logit of its row NaN or Inf (IEEE: NaN propagates,
+    Inf times a weight is Inf, or NaN when the weight is 0, and Inf - Inf is NaN), so checking the few logits
+    replaces reading the whole tensor again. A finite token whose logits overflow float32 is refused too:
+    its routing would be NaN.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf and overflow are what is looked for
+        total = float(logits.sum())
+    if math.isfinite(total):  # the common case: one pass over T x L values
+        return {}
+    finite = np.isfinite(logits).all(axis=1)
+    rejected: dict[int, ProtocolError] = {}
+    start = 0
+    for index, part in enumerate(parts):
+        end = start + part.shape[0]
+        if not finite[start:end].all():
+            rejected[index] = non_finite_error(part) or ProtocolError(
+                400, f"input {INPUT_NAME!r} has values too large for the router: its gate logits overflow float32"
+            )
+        start = end
+    return rejected
+
+
 def _requested_outputs(
     document: Mapping[str, Any], request_params: Mapping[str, Any], known: Sequence[str]
 ) -> tuple[tuple[str, ...], frozenset[str]]:

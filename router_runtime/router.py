@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -204,15 +204,58 @@ class DynamicRouter(nn.Module):
         # At T ~ 1000 the gate matmul takes ~0.2 ms and each small op after it several microseconds,
         # so this path is written for the fewest ops: in-place updates, dot products for short-row
         # reductions, no full sort, and statistics on the host in numpy.
-        cfg = self.config
         # Detached, and every weight is a buffer: no autograd graph without an inference_mode context
         # (whose enter/exit costs ~9 us a call).
         tokens = self.as_tokens(x).detach()
         if not self.on_host:
             tokens = tokens.to(self.device, non_blocking=True)
-        n = tokens.shape[0]
+        return self._select(tokens, F.linear(tokens, self._gate), update_state, compute_output)
+
+    @property
+    def gates_in_place(self) -> bool:
+        """Whether ``gate`` can read requests where they lie: on the host, with no expert FFNs (which need the
+        tokens of the whole batch together)."""
+        return self.on_host and self._expert_ffns is None
+
+    def gate(self, parts: Sequence[np.ndarray]) -> torch.Tensor:
+        """Gate logits ``[sum T_i, L]`` of several float32 ``[T_i, d]`` arrays, each read where it lies.
+
+        The server's batch is a list of request bodies: gating each into its rows of one logits buffer
+        reads every activation once, where copying them into one batch first read and wrote them once more
+        (a tenth of the server's CPU). ``route_logits`` then routes the batch from the logits.
+        """
+        if not self.gates_in_place:
+            raise ValueError("gate() runs on the host without expert FFNs; use route() on the whole batch")
+        d = self.config.input_dim
+        rows = 0
+        for part in parts:
+            if part.ndim != 2 or part.shape[1] != d or part.dtype != np.float32:
+                raise ValueError(f"each part must be a float32 [T, {d}] array, got {part.dtype} {list(part.shape)}")
+            rows += part.shape[0]
+        logits = torch.empty((rows, self._gate.shape[0]), dtype=torch.float32)
+        gate_t = self._gate.t()
+        start = 0
+        for part in parts:
+            if not (part.flags.writeable and part.flags.c_contiguous):
+                part = np.array(part)  # torch wraps only writeable arrays; read-only bodies are the small ones
+            end = start + part.shape[0]
+            torch.mm(torch.from_numpy(part), gate_t, out=logits[start:end])
+            start = end
+        return logits
+
+    def route_logits(self, logits: torch.Tensor, *, update_state: bool = True) -> RoutingResult:
+        """Route a batch from its gate logits (``gate``): the decisions ``route`` makes on the same tokens."""
+        if not self.gates_in_place:
+            raise ValueError("route_logits() runs on the host without expert FFNs; use route()")
+        return self._select(None, logits, update_state, compute_output=False)
+
+    def _select(
+        self, tokens: torch.Tensor | None, logits: torch.Tensor, update_state: bool, compute_output: bool
+    ) -> RoutingResult:
+        """Everything after the gate; ``tokens`` are needed only by the expert FFNs."""
+        cfg = self.config
+        n = logits.shape[0]
         e, k_max, strategy = cfg.num_experts, cfg.max_experts, cfg.strategy
-        logits = F.linear(tokens, self._gate)
         if self.fused:
             indices, weights, k, selected_mass, stats = self._select_fused(logits, update_state)
             return self._finish(tokens, indices, weights, k, selected_mass, stats, update_state, compute_output)
@@ -233,7 +276,7 @@ class DynamicRouter(nn.Module):
         masked = False
         if strategy == "top_k" or k_min == k_max:
             constant_k = k_max
-            k = torch.full((n,), k_max, dtype=torch.int64, device=tokens.device)
+            k = torch.full((n,), k_max, dtype=torch.int64, device=logits.device)
         elif strategy == "top_p" and k_min == 1 and cfg.load_balancing.capacity_factor is None:
             # The common case in fewer ops: the unneeded slots are masked directly, k counts the rest.
             unneeded = top_p_unneeded(top_probs, cfg.top_p)
@@ -285,7 +328,7 @@ class DynamicRouter(nn.Module):
 
     def _finish(
         self,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | None,
         indices: torch.Tensor,
         weights: torch.Tensor,
         k: torch.Tensor,
@@ -296,7 +339,7 @@ class DynamicRouter(nn.Module):
     ) -> RoutingResult:
         self._record(stats, update_state)
         output = None
-        if self._expert_ffns is not None and compute_output:
+        if self._expert_ffns is not None and compute_output and tokens is not None:
             output = self._expert_ffns(tokens, indices, weights)
         return RoutingResult(indices, weights, k, selected_mass, stats, output)
 
@@ -312,7 +355,7 @@ class DynamicRouter(nn.Module):
 
     def _finish_from_device(
         self,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | None,
         indices: torch.Tensor,
         weights: torch.Tensor,
         k: torch.Tensor,
@@ -323,7 +366,7 @@ class DynamicRouter(nn.Module):
     ) -> RoutingResult:
         """The GPU path's end: expert outputs on the device, then every result to the host in one sync."""
         output = None
-        if self._expert_ffns is not None and compute_output:
+        if self._expert_ffns is not None and compute_output and tokens is not None:
             output = self._expert_ffns(tokens, indices, weights)
         # Queued copies into pinned host memory, then one wait: four blocking copies would sync four times.
         on_device = (indices, weights, k, selected_mass) + ((output,) if output is not None else ())

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router_runtime import __version__
-from router_runtime.batching import DynamicBatcher, Overloaded, Stopped
+from router_runtime.batching import BatchSlab, DynamicBatcher, Overloaded, Stopped
 from router_runtime.config import RuntimeFileConfig
 from router_runtime.metrics import CONTENT_TYPE, RuntimeMetrics
 from router_runtime.process import cgroup_cpu_limit as cgroup_cpu_limit
@@ -50,8 +50,9 @@ from router_runtime.protocol import (
     encode_infer_response,
     non_finite_error,
     parse_header_length,
+    rejected_by_gate,
 )
-from router_runtime.router import DynamicRouter
+from router_runtime.router import DynamicRouter, RoutingResult
 from router_runtime.transport import BODY_EXTENSION, BodyIncomplete, DirectBody, direct_body_protocol, infer_model_name
 
 log = logging.getLogger(__name__)
@@ -224,14 +225,33 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
         known_outputs += (OUTPUT_MOE,)
     expected_key = api_key.encode() if api_key else None
 
-    def route_batch(tokens: np.ndarray, sizes: Sequence[int]) -> list[RoutedSlice]:
-        """Runs on the batcher's worker thread: route the batch, cut it back into requests."""
-        result = model.route(torch.from_numpy(tokens))
+    # Only for a router that needs the batch in one array (a GPU's pinned staging buffer, expert FFNs).
+    slab = BatchSlab(model.host_array, min_rows=server_config.batching.max_batch_tokens)
+
+    def route_batch(parts: Sequence[np.ndarray]) -> list[RoutedSlice | Exception]:
+        """Runs on the batcher's worker thread: route the requests as one batch, cut it back into requests."""
+        if model.gates_in_place:
+            # Each body is gated where it lies and checked through its logits (see ``rejected_by_gate``).
+            sizes = [part.shape[0] for part in parts]
+            logits = model.gate(parts)
+            rejected: dict[int, Exception] = dict(rejected_by_gate(logits.numpy(), parts))
+            if rejected:
+                keep = np.repeat([index not in rejected for index in range(len(parts))], sizes)
+                logits = logits[torch.from_numpy(keep)]
+                sizes = [size for index, size in enumerate(sizes) if index not in rejected]
+            result = model.route_logits(logits) if sizes else None
+        else:
+            tokens, sizes, rejected = slab.gather(parts, non_finite_error)
+            result = model.route(torch.from_numpy(tokens)) if sizes else None
+        routed = iter(cut_batch(result, sizes) if result is not None else [])
+        return [rejected[index] if index in rejected else next(routed) for index in range(len(parts))]
+
+    def cut_batch(result: RoutingResult, sizes: Sequence[int]) -> list[RoutedSlice]:
         indices = result.indices.numpy()
         weights = result.weights.numpy()
         k = result.k.numpy()
         output = result.output.numpy() if result.output is not None else None
-        batch = tokens.shape[0]
+        batch = indices.shape[0]
         metrics.observe_batch(batch, result.stats)
         # Per-request means in one vectorised pass over the batch, not two numpy calls per request.
         bounds = np.cumsum([0, *sizes])
@@ -265,9 +285,6 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
         max_batch_tokens=batching.max_batch_tokens,
         max_delay_s=batching.max_delay_ms / 1000.0,
         max_queue_requests=batching.max_queue_requests,
-        # On the worker, right after the copy into the batch, where the tensor is in cache (see batching).
-        validate=non_finite_error,
-        allocate=model.host_array,
     )
 
     @asynccontextmanager

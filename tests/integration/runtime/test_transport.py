@@ -204,3 +204,18 @@ def test_a_binary_tensor_with_nan_is_answered_400_and_its_batch_mates_are_routed
         rejected, routed = read_response(first, bytearray()), read_response(second, bytearray())
     assert rejected[0] == 400
     assert routed[0] == 200 and np.array_equal(routed[1], expected_indices(reference, good))
+
+
+def test_finite_values_too_large_for_the_gate_are_answered_400_and_their_batch_mates_are_routed(
+    served: tuple[str, int], reference: DynamicRouter
+) -> None:
+    good, huge = tokens(18), tokens(19)
+    huge[7, :] = 3e38  # finite, but the gate's logits overflow float32: the routing would be NaN
+    with socket.create_connection(("127.0.0.1", served[1]), timeout=10) as first, socket.create_connection(
+        ("127.0.0.1", served[1]), timeout=10
+    ) as second:
+        first.sendall(b"".join(raw_request(huge)))
+        second.sendall(b"".join(raw_request(good)))
+        rejected, routed = read_response(first, bytearray()), read_response(second, bytearray())
+    assert rejected[0] == 400
+    assert routed[0] == 200 and np.array_equal(routed[1], expected_indices(reference, good))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
-from router_runtime.batching import DynamicBatcher, Overloaded, Stopped
+from router_runtime.batching import BatchSlab, DynamicBatcher, Overloaded, Stopped
 
 
 class Recorder:
@@ -22,12 +21,11 @@ class Recorder:
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(self, tokens: np.ndarray, sizes: Sequence[int]) -> list[float]:
+    def __call__(self, parts: Sequence[np.ndarray]) -> list[float]:
         self.entered.set()
         self.release.wait(10)
-        self.batches.append(list(sizes))
-        bounds = np.cumsum([0, *sizes])
-        return [float(tokens[a:b].sum()) for a, b in itertools.pairwise(bounds)]
+        self.batches.append([part.shape[0] for part in parts])
+        return [float(part.sum()) for part in parts]
 
 
 def rows(n: int, value: float = 1.0) -> np.ndarray:
@@ -83,11 +81,11 @@ async def test_full_queue_raises_overloaded() -> None:
 async def test_processor_failure_fails_the_batch_but_not_the_worker() -> None:
     calls = {"n": 0}
 
-    def flaky(tokens: np.ndarray, sizes: Sequence[int]) -> list[int]:
+    def flaky(parts: Sequence[np.ndarray]) -> list[int]:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("first batch fails")
-        return list(sizes)
+        return [part.shape[0] for part in parts]
 
     batcher = DynamicBatcher(flaky, max_batch_tokens=10, max_delay_s=0.0, max_queue_requests=10)
     await batcher.start()
@@ -139,15 +137,11 @@ async def test_consecutive_batches_of_different_sizes_keep_their_own_rows() -> N
     assert second == [10.0, 28.0]
 
 
-async def test_a_request_failing_validation_is_left_out_of_its_batch() -> None:
-    recorder = Recorder()
+async def test_a_request_the_processor_rejects_fails_alone() -> None:
+    def no_negatives(parts: Sequence[np.ndarray]) -> list[float | Exception]:
+        return [ValueError("negative") if (part < 0).any() else float(part.sum()) for part in parts]
 
-    def no_negatives(tokens: np.ndarray) -> Exception | None:
-        return ValueError("negative") if (tokens < 0).any() else None
-
-    batcher = DynamicBatcher(
-        recorder, max_batch_tokens=100, max_delay_s=0.05, max_queue_requests=10, validate=no_negatives
-    )
+    batcher = DynamicBatcher(no_negatives, max_batch_tokens=100, max_delay_s=0.05, max_queue_requests=10)
     await batcher.start()
     results = await asyncio.gather(
         batcher.submit(rows(2, value=1.0)),
@@ -158,4 +152,49 @@ async def test_a_request_failing_validation_is_left_out_of_its_batch() -> None:
     await batcher.stop(1.0)
     assert results[0] == 4.0 and results[2] == 6.0
     assert isinstance(results[1], ValueError)
-    assert recorder.batches == [[2, 1]]
+
+
+async def test_a_processor_answering_the_wrong_number_of_requests_fails_the_batch() -> None:
+    batcher: DynamicBatcher[float] = DynamicBatcher(
+        lambda parts: [], max_batch_tokens=100, max_delay_s=0.0, max_queue_requests=10
+    )
+    await batcher.start()
+    with pytest.raises(RuntimeError, match="answered 0 of 1 requests"):
+        await batcher.submit(rows(1))
+    await batcher.stop(1.0)
+
+
+def test_the_slab_gathers_the_valid_requests_in_order_and_names_the_rejected() -> None:
+    def no_negatives(tokens: np.ndarray) -> Exception | None:
+        return ValueError("negative") if (tokens < 0).any() else None
+
+    slab = BatchSlab(min_rows=16)
+    tokens, sizes, rejected = slab.gather([rows(2, 1.0), rows(3, -1.0), rows(1, 3.0)], no_negatives)
+    assert sizes == [2, 1]
+    assert tokens.tolist() == [[1.0, 1.0], [1.0, 1.0], [3.0, 3.0]]
+    assert list(rejected) == [1] and isinstance(rejected[1], ValueError)
+
+
+def test_the_slab_is_reused_across_batches_and_grows_only_when_needed() -> None:
+    allocations: list[tuple[int, ...]] = []
+
+    def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        allocations.append(shape)
+        return np.empty(shape, dtype=dtype)
+
+    slab = BatchSlab(allocate, min_rows=4)
+    first, _, _ = slab.gather([rows(1, 1.0), rows(2, 2.0)])
+    assert first.tolist() == [[1.0, 1.0]] + [[2.0, 2.0]] * 2
+    second, _, _ = slab.gather([rows(3, 5.0), rows(1, 7.0)])
+    third, _, _ = slab.gather([rows(5, 1.0), rows(2, 2.0)])
+    assert allocations == [(4, 2), (7, 2)]
+    assert second.tolist() == [[5.0, 5.0]] * 3 + [[7.0, 7.0]]
+    assert third.shape == (7, 2)
+
+
+def test_a_single_writeable_request_is_not_copied() -> None:
+    request = rows(3, 2.0)
+    tokens, sizes, rejected = BatchSlab().gather([request])
+    assert tokens is request and sizes == [3] and not rejected
+
+
