@@ -256,7 +256,15 @@ class NetworkPolicySpec(CamelModel):
 
 class PodDisruptionBudgetSpec(CamelModel):
     enabled: bool = True
-    max_unavailable: int = Field(1, ge=0, le=10000)
+    max_unavailable: int = Field(
+        1,
+        ge=0,
+        le=10000,
+        description=(
+            "Router pods that voluntary disruptions may take down at once. 0 blocks every eviction of "
+            "this router's pods: node drains and cluster-autoscaler scale-downs then wait until it is raised."
+        ),
+    )
 
 
 class MonitoringSpec(CamelModel):
