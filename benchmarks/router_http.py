@@ -206,10 +206,22 @@ def thread_cpu_seconds(pid: int) -> dict[tuple[int, int], float]:
     return result
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs from /proc/stat: time the hypervisor gave this VM's CPUs to others."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    return fields[7], sum(fields)
+
+
 def measured(server_pid: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``run()``'s result plus the CPU the server (event-loop threads vs the rest) and the generator spent."""
+    """``run()``'s result plus the CPU the server (event-loop threads vs the rest) and the generator spent, and
+    the share of the machine's CPU time the hypervisor stole meanwhile (a run with steal is not the server's)."""
     before, children_before = thread_cpu_seconds(server_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+    steal_before, total_before = machine_jiffies()
     result = run()
+    steal_after, total_after = machine_jiffies()
     after, children_after = thread_cpu_seconds(server_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
     spent = {key: after[key] - before.get(key, 0.0) for key in after}
     # The main thread of each serving process (tid == pid) runs its event loop; the supervisor's is idle.
@@ -222,6 +234,7 @@ def measured(server_pid: int, run: Callable[[], dict[str, Any]]) -> dict[str, An
         "server_cpu_ms_per_request": sum(spent.values()) / requests * 1e3,
         "event_loop_cpu_ms_per_request": loop_thread / requests * 1e3,
         "generator_cpu_ms_per_request": generator / requests * 1e3,
+        "steal_share": (steal_after - steal_before) / max(total_after - total_before, 1),
     }
 
 
@@ -587,7 +600,9 @@ def bench(args: argparse.Namespace) -> int:
         f"-> at most {bound['req_per_s']:.0f} req/s = {bound['tokens_per_s'] / 1e6:.3f} M tokens/s "
         f"= {bound['tokens_per_s'] / reference:.1%} of in-process"
     )
-    columns = ("conc/rate", "req/s", "Mtok/s", "p50 ms", "p99 ms", "errors", "srv ms/r", "loop ms/r", "gen ms/r")
+    columns = (
+        "conc/rate", "req/s", "Mtok/s", "p50 ms", "p99 ms", "errors", "srv ms/r", "loop ms/r", "gen ms/r", "steal %"
+    )
     print(f"{'mode':<7} {'proc':>4} {'phase':<16} {'generator':<15}" + " ".join(f"{c:>9}" for c in columns))
     for r in results:
         load_label = f"c={r['concurrency']}" if "concurrency" in r else f"{r['rate']:.0f}/s"
@@ -596,11 +611,11 @@ def bench(args: argparse.Namespace) -> int:
             f"{r['req_per_s']:>9.1f} "
             f"{r['tokens_per_s'] / 1e6:>9.3f} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['errors']:>9} "
             f"{r['server_cpu_ms_per_request']:>9.3f} {r['event_loop_cpu_ms_per_request']:>9.3f} "
-            f"{r['generator_cpu_ms_per_request']:>9.3f}"
+            f"{r['generator_cpu_ms_per_request']:>9.3f} {100 * r['steal_share']:>9.1f}"
         )
     print(
         "proc: server worker processes; srv/loop/gen ms/r: CPU per request of the whole server (all processes), "
-        "of its event-loop threads, of the load generator"
+        "of its event-loop threads, of the load generator; steal: CPU time the hypervisor gave to other machines"
     )
     for r in results:
         if r.get("server_within"):
