@@ -325,7 +325,11 @@ class MoERouterStatus(CamelModel):
     replicas: int | None = None
     ready_replicas: int | None = None
     selector: str | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        # As metav1.Condition lists: one entry per type, so server-side apply merges them by type.
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     prediction: PredictionStatus | None = None
 
 
