@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from router_runtime.config import RouterConfig
+from router_runtime.experts import seeded_state
 from router_runtime.protocol import rejected_by_gate
 from router_runtime.router import DynamicRouter
 
@@ -39,6 +40,18 @@ def test_routing_from_in_place_logits_equals_routing_the_concatenated_batch(kern
     assert got_total.dropped_mass == pytest.approx(want_total.dropped_mass)
     assert in_place.selection_bias is not None and concatenated.selection_bias is not None
     assert torch.equal(in_place.selection_bias.bias, concatenated.selection_bias.bias)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
+def test_a_trained_complexity_probe_is_gated_in_place_too(kernel: str) -> None:
+    cfg = config(kernel=kernel, strategy="complexity")
+    state = seeded_state(cfg) | {"complexity.weight": torch.linspace(-1, 1, 16), "complexity.bias": torch.tensor(0.5)}
+    in_place, concatenated = DynamicRouter(cfg, state), DynamicRouter(cfg, state)
+    batch = parts([7, 3, 12])
+    got = in_place.route_logits(in_place.gate(batch))
+    want = concatenated.route(torch.from_numpy(np.concatenate(batch)))
+    assert in_place.gate(batch).shape == (22, 9)  # the probe is the gate's last row
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.k, want.k)
 
 
 def test_read_only_and_strided_parts_are_gated_correctly() -> None:
