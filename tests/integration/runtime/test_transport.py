@@ -191,17 +191,22 @@ def test_a_client_leaving_mid_body_does_not_disturb_the_server(served: tuple[str
     assert json.loads(httpx.get(served[0] + "/v2/health/ready").content) == {"ready": True}
 
 
+def side_by_side(port: int, first: np.ndarray, second: np.ndarray) -> tuple[tuple[int, np.ndarray], ...]:
+    """Send two requests on two connections at once (so they can share a batch); both responses."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as one, socket.create_connection(
+        ("127.0.0.1", port), timeout=10
+    ) as other:
+        one.sendall(b"".join(raw_request(first)))
+        other.sendall(b"".join(raw_request(second)))
+        return read_response(one, bytearray()), read_response(other, bytearray())
+
+
 def test_a_binary_tensor_with_nan_is_answered_400_and_its_batch_mates_are_routed(
     served: tuple[str, int], reference: DynamicRouter
 ) -> None:
     good, bad = tokens(16), tokens(17)
     bad[100, 3] = np.nan
-    with socket.create_connection(("127.0.0.1", served[1]), timeout=10) as first, socket.create_connection(
-        ("127.0.0.1", served[1]), timeout=10
-    ) as second:
-        first.sendall(b"".join(raw_request(bad)))
-        second.sendall(b"".join(raw_request(good)))
-        rejected, routed = read_response(first, bytearray()), read_response(second, bytearray())
+    rejected, routed = side_by_side(served[1], bad, good)
     assert rejected[0] == 400
     assert routed[0] == 200 and np.array_equal(routed[1], expected_indices(reference, good))
 
@@ -211,11 +216,6 @@ def test_finite_values_too_large_for_the_gate_are_answered_400_and_their_batch_m
 ) -> None:
     good, huge = tokens(18), tokens(19)
     huge[7, :] = 3e38  # finite, but the gate's logits overflow float32: the routing would be NaN
-    with socket.create_connection(("127.0.0.1", served[1]), timeout=10) as first, socket.create_connection(
-        ("127.0.0.1", served[1]), timeout=10
-    ) as second:
-        first.sendall(b"".join(raw_request(huge)))
-        second.sendall(b"".join(raw_request(good)))
-        rejected, routed = read_response(first, bytearray()), read_response(second, bytearray())
+    rejected, routed = side_by_side(served[1], huge, good)
     assert rejected[0] == 400
     assert routed[0] == 200 and np.array_equal(routed[1], expected_indices(reference, good))
