@@ -209,7 +209,7 @@ class DynamicRouter(nn.Module):
         tokens = self.as_tokens(x).detach()
         if not self.on_host:
             tokens = tokens.to(self.device, non_blocking=True)
-        return self._select(tokens, F.linear(tokens, self._gate), update_state, compute_output)
+        return self._select(tokens if compute_output else None, F.linear(tokens, self._gate), update_state)
 
     @property
     def gates_in_place(self) -> bool:
@@ -247,18 +247,18 @@ class DynamicRouter(nn.Module):
         """Route a batch from its gate logits (``gate``): the decisions ``route`` makes on the same tokens."""
         if not self.gates_in_place:
             raise ValueError("route_logits() runs on the host without expert FFNs; use route()")
-        return self._select(None, logits, update_state, compute_output=False)
+        return self._select(None, logits, update_state)
 
     def _select(
-        self, tokens: torch.Tensor | None, logits: torch.Tensor, update_state: bool, compute_output: bool
+        self, expert_input: torch.Tensor | None, logits: torch.Tensor, update_state: bool
     ) -> RoutingResult:
-        """Everything after the gate; ``tokens`` are needed only by the expert FFNs."""
+        """Everything after the gate; the expert FFNs run on ``expert_input`` when it is given."""
         cfg = self.config
         n = logits.shape[0]
         e, k_max, strategy = cfg.num_experts, cfg.max_experts, cfg.strategy
         if self.fused:
             indices, weights, k, selected_mass, stats = self._select_fused(logits, update_state)
-            return self._finish(tokens, indices, weights, k, selected_mass, stats, update_state, compute_output)
+            return self._finish(expert_input, indices, weights, k, selected_mass, stats, update_state)
         needs_shifted = strategy == "entropy" or (strategy == "complexity" and not self.has_probe)
         probs, shifted, normaliser = softmax_fp32(
             logits[:, :e] if self.has_probe else logits, keep_shifted=needs_shifted
@@ -321,27 +321,32 @@ class DynamicRouter(nn.Module):
             weights.div_(divisor.unsqueeze(1))
         if not self.on_host:
             return self._finish_from_device(
-                tokens, indices, weights, k, selected_mass, constant_k, update_state, compute_output
+                expert_input, indices, weights, k, selected_mass, constant_k, update_state
             )
         stats = RoutingStats.from_selection(k, indices, selected_mass, e, constant_k=constant_k)
-        return self._finish(tokens, indices, weights, k, selected_mass, stats, update_state, compute_output)
+        return self._finish(expert_input, indices, weights, k, selected_mass, stats, update_state)
 
     def _finish(
         self,
-        tokens: torch.Tensor | None,
+        expert_input: torch.Tensor | None,
         indices: torch.Tensor,
         weights: torch.Tensor,
         k: torch.Tensor,
         selected_mass: torch.Tensor,
         stats: RoutingStats,
         update_state: bool,
-        compute_output: bool,
     ) -> RoutingResult:
         self._record(stats, update_state)
-        output = None
-        if self._expert_ffns is not None and compute_output and tokens is not None:
-            output = self._expert_ffns(tokens, indices, weights)
+        output = self._expert_output(expert_input, indices, weights)
         return RoutingResult(indices, weights, k, selected_mass, stats, output)
+
+    def _expert_output(
+        self, expert_input: torch.Tensor | None, indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The MoE layer output when the router hosts experts and the caller asked for it, else None."""
+        if self._expert_ffns is None or expert_input is None:
+            return None
+        return self._expert_ffns(expert_input, indices, weights)
 
     def _record(self, stats: RoutingStats, update_state: bool) -> None:
         """Fold a routed batch into the balancing bias (and its device copy) and the cumulative statistics."""
@@ -355,19 +360,16 @@ class DynamicRouter(nn.Module):
 
     def _finish_from_device(
         self,
-        tokens: torch.Tensor | None,
+        expert_input: torch.Tensor | None,
         indices: torch.Tensor,
         weights: torch.Tensor,
         k: torch.Tensor,
         selected_mass: torch.Tensor,
         constant_k: int | None,
         update_state: bool,
-        compute_output: bool,
     ) -> RoutingResult:
         """The GPU path's end: expert outputs on the device, then every result to the host in one sync."""
-        output = None
-        if self._expert_ffns is not None and compute_output and tokens is not None:
-            output = self._expert_ffns(tokens, indices, weights)
+        output = self._expert_output(expert_input, indices, weights)
         # Queued copies into pinned host memory, then one wait: four blocking copies would sync four times.
         on_device = (indices, weights, k, selected_mass) + ((output,) if output is not None else ())
         copies = [tensor.to("cpu", non_blocking=True) for tensor in on_device]
