@@ -64,12 +64,12 @@ def server_config(device: str = "cpu") -> dict[str, Any]:
     }
 
 
-def encoded_request(binary: bool, seed: int = 0) -> bytes:
+def encoded_request(binary: bool, seed: int = 0, datatype: str = "FP32") -> bytes:
     """A complete HTTP/1.1 request (headers and body) for one 256-token infer call."""
     from router_runtime.protocol import encode_request
 
     tokens = np.random.default_rng(seed).standard_normal((TOKENS_PER_REQUEST, 768), dtype=np.float32)
-    body, headers = encode_request(tokens, binary=binary)
+    body, headers = encode_request(tokens, binary=binary, datatype=datatype)
     lines = [f"POST /v2/models/{MODEL}/infer HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -171,7 +171,7 @@ def summary(latencies: list[float], errors: int, elapsed: float, **extra: float)
 
 def loadgen(args: argparse.Namespace) -> int:
     """The load generator process: one measurement, printed as a JSON line."""
-    request = encoded_request(args.mode == "binary")
+    request = encoded_request(args.mode == "binary", datatype=args.datatype)
     if args.rate:
         result = asyncio.run(open_loop("127.0.0.1", args.port, request, args.rate, args.duration))
         if not args.raw:
@@ -277,12 +277,19 @@ OPEN_LOOP_RATE_PER_PROCESS = 400.0
 
 
 def run_loadgen(
-    port: int, mode: str, duration: float, concurrency: int = 0, rate: float = 0.0, cpus: Cpus = None
+    port: int,
+    mode: str,
+    duration: float,
+    concurrency: int = 0,
+    rate: float = 0.0,
+    cpus: Cpus = None,
+    datatype: str = "FP32",
 ) -> dict[str, Any]:
     """One measurement by Python generator processes: one closed loop, or an open loop split over enough
     processes that each keeps its schedule (latencies merged before the percentiles are taken)."""
     processes = max(1, math.ceil(rate / OPEN_LOOP_RATE_PER_PROCESS)) if rate else 1
     command = [sys.executable, __file__, "--loadgen", "--port", str(port), "--mode", mode, "--raw"]
+    command += ["--datatype", datatype]
     command += ["--duration", str(duration), "--concurrency", str(concurrency), "--rate", str(rate / processes)]
     running = [
         subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=pin_child(cpus))
@@ -312,12 +319,14 @@ wrk.headers["Inference-Header-Content-Length"] = os.getenv("MOE_BENCH_HEADER_LEN
 """
 
 
-def run_wrk(wrk: str, port: int, duration: float, concurrency: int, cpus: Cpus = None) -> dict[str, Any]:
+def run_wrk(
+    wrk: str, port: int, duration: float, concurrency: int, cpus: Cpus = None, datatype: str = "FP32"
+) -> dict[str, Any]:
     """Closed loop with Debian's ``wrk`` (C, one thread): the binary request, ``concurrency`` connections."""
     from router_runtime.protocol import encode_request
 
     tokens = np.random.default_rng(0).standard_normal((TOKENS_PER_REQUEST, 768), dtype=np.float32)
-    body, headers = encode_request(tokens, binary=True)
+    body, headers = encode_request(tokens, binary=True, datatype=datatype)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "body").write_bytes(body)
         (Path(tmp) / "post.lua").write_text(WRK_SCRIPT)
@@ -454,8 +463,9 @@ def ceiling(
     }
 
 
-def in_process_tokens_per_s(threads: int, device: str = "cpu", cpus: Cpus = None) -> float:
-    """``DynamicRouter.route`` on 8192-token host batches (on a GPU: host-to-device copy and results back included)."""
+def in_process_tokens_per_s(threads: int, device: str = "cpu", cpus: Cpus = None, datatype: str = "FP32") -> float:
+    """``DynamicRouter.route`` on 8192-token host batches of ``datatype`` (a 16-bit batch is widened to float32
+    before the gate, as the server does) (on a GPU: host-to-device copy and results back included)."""
     import torch
 
     from router_runtime.config import RouterConfig
@@ -467,6 +477,8 @@ def in_process_tokens_per_s(threads: int, device: str = "cpu", cpus: Cpus = None
         # The server's batch buffer: pinned host memory when the router is on a GPU.
         x = torch.from_numpy(router.host_array((8192, 768), np.dtype(np.float32)))
         x.copy_(torch.randn(8192, 768))
+        if datatype != "FP32":
+            x = x.to(torch.bfloat16 if datatype == "BF16" else torch.float16)
         for _ in range(5):
             router.route(x)
         samples = []
@@ -537,18 +549,21 @@ def serve_and_measure(args: argparse.Namespace, workers: int, wrk: str | None) -
                     time.sleep(0.2)
                 time.sleep(1.0)
             client = args.client_cpus
-            run_loadgen(port, "binary", 1.0, concurrency=16, cpus=client)  # warm-up: first batches, allocator, caches
+            datatype = args.datatype
+            # warm-up: first batches, allocator, caches
+            run_loadgen(port, "binary", 1.0, concurrency=16, cpus=client, datatype=datatype)
             pid = server.pid
             for mode in args.modes:
                 label = {"mode": mode, "workers": workers}
                 saturated = [
-                    measured(pid, functools.partial(run_loadgen, port, mode, args.duration, concurrency=c, cpus=client))
+                    measured(pid, functools.partial(
+                        run_loadgen, port, mode, args.duration, concurrency=c, cpus=client, datatype=datatype))
                     | label | {"phase": "saturation"}
                     for c in args.concurrency
                 ]  # fmt: skip
                 if mode == "binary" and wrk:
                     saturated += [
-                        measured(pid, functools.partial(run_wrk, wrk, port, args.duration, c, client))
+                        measured(pid, functools.partial(run_wrk, wrk, port, args.duration, c, client, datatype))
                         | label | {"phase": "saturation"}
                         for c in args.concurrency
                     ]  # fmt: skip
@@ -557,7 +572,10 @@ def serve_and_measure(args: argparse.Namespace, workers: int, wrk: str | None) -
                 before = server_latency_buckets(port)
                 half_rate = best["req_per_s"] / 2
                 half = measured(
-                    pid, functools.partial(run_loadgen, port, mode, args.duration, rate=half_rate, cpus=client)
+                    pid,
+                    functools.partial(
+                        run_loadgen, port, mode, args.duration, rate=half_rate, cpus=client, datatype=datatype
+                    ),
                 )
                 within = served_within(before, server_latency_buckets(port))
                 results.append(half | label | {"phase": "half saturation", "server_within": within})
@@ -579,20 +597,22 @@ def bench(args: argparse.Namespace) -> int:
         placement = "server, load generator and in-process reference all share them, no pinning"
     print(
         f"machine: {os.cpu_count()} cores ({placement}), load average {load:.2f}; router on {args.device}; "
-        f"{TOKENS_PER_REQUEST} tokens/request; load generators: "
+        f"{TOKENS_PER_REQUEST} tokens/request sent as {args.datatype}; load generators: "
         f"python-asyncio{' and wrk' if wrk else (' (wrk skipped)' if args.no_wrk else ' (wrk not installed)')}"
     )
-    before = in_process_tokens_per_s(args.threads, args.device, args.server_cpus)
+    before = in_process_tokens_per_s(args.threads, args.device, args.server_cpus, args.datatype)
     results: list[dict[str, Any]] = []
     for workers in args.workers:
         results += serve_and_measure(args, workers, wrk)
     # The faster of two in-process measurements (before and after the load), so the ratio is not flattered.
-    reference = max(before, in_process_tokens_per_s(args.threads, args.device, args.server_cpus))
+    reference = max(before, in_process_tokens_per_s(args.threads, args.device, args.server_cpus, args.datatype))
     print(
-        f"in-process DynamicRouter.route on {args.device}, T=8192, {args.threads} threads: "
+        f"in-process DynamicRouter.route on {args.device}, T=8192 {args.datatype} tokens, {args.threads} threads: "
         f"{reference / 1e6:.3f} M tokens/s (best)"
     )
-    transfer = loopback_transfer(encoded_request(True), response_size(), 3.0, args.server_cpus, args.client_cpus)
+    transfer = loopback_transfer(
+        encoded_request(True, datatype=args.datatype), response_size(), 3.0, args.server_cpus, args.client_cpus
+    )
     bound = ceiling(reference, args.threads, transfer, args.device, args.server_cpus, args.client_cpus)
     print(
         f"ceiling with free HTTP and Python: loopback transfer {bound['client_cpu_ms']:.3f} ms (sender) + "
@@ -633,6 +653,7 @@ def bench(args: argparse.Namespace) -> int:
     if args.json:
         document = {
             "device": args.device,
+            "datatype": args.datatype,
             "server_cpus": sorted(args.server_cpus or []),
             "client_cpus": sorted(args.client_cpus or []),
             "in_process_tokens_per_s": reference,
@@ -653,6 +674,12 @@ def main() -> int:
     )
     parser.add_argument("--modes", nargs="+", choices=["binary", "json"], default=["binary", "json"])
     parser.add_argument("--no-wrk", action="store_true", help="skip wrk even when it is installed")
+    parser.add_argument(
+        "--datatype",
+        choices=["FP32", "FP16", "BF16"],
+        default="FP32",
+        help="datatype the hidden states are sent in (and the in-process reference routes); the issue's target is FP32",
+    )
     parser.add_argument("--device", default="cpu", help="router.device of the server and the reference (cpu, cuda)")
     parser.add_argument(
         "--server-cpus", type=parse_cpus, help="pin the server and the in-process reference to these CPUs (0-1)"

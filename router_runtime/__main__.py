@@ -67,7 +67,7 @@ def _route(args: argparse.Namespace) -> int:
         input_dim = int(metadata["inputs"][0]["shape"][-1])
         num_experts = int(metadata.get("parameters", {}).get("num_experts", 0)) or None
         tokens = np.random.default_rng(args.seed).standard_normal((args.tokens, input_dim), dtype=np.float32)
-        response = route(args.url, args.model, tokens, binary=not args.json, api_key=api_key)
+        response = route(args.url, args.model, tokens, binary=not args.json, api_key=api_key, datatype=args.datatype)
     except RouterClientError as exc:
         print(f"moe-router route: {exc}", file=sys.stderr)
         return 1
@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--tokens", type=_token_count, default=256, help="number of tokens to send")
     send.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     send.add_argument("--json", action="store_true", help="send JSON tensors instead of the binary extension")
+    send.add_argument(
+        "--datatype",
+        default="FP32",
+        choices=["FP32", "FP16", "BF16"],
+        help="datatype the tokens are sent as (16 bits halve the bytes)",
+    )
     send.add_argument("--api-key", help="API key (default: $MOE_ROUTER_API_KEY or $MOE_ROUTER_API_KEY_FILE)")
     send.set_defaults(handler=_route)
     return parser

@@ -33,6 +33,8 @@ BatchProcessor = Callable[[Sequence[np.ndarray]], Sequence[Result | Exception]]
 Validator = Callable[[np.ndarray], Exception | None]
 #: ``allocate(shape, dtype)``: the batch buffer (pinned host memory when the router copies it to a GPU).
 Allocator = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+#: ``copy(target, part)``: one request's rows into the batch buffer (converting them to its dtype).
+Copier = Callable[[np.ndarray, np.ndarray], object]
 
 
 def _host_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -48,9 +50,18 @@ class BatchSlab:
     just written there.
     """
 
-    def __init__(self, allocate: Allocator = _host_array, min_rows: int = 0) -> None:
+    def __init__(
+        self,
+        allocate: Allocator = _host_array,
+        min_rows: int = 0,
+        dtype: np.dtype | None = None,
+        copy: Copier = np.copyto,
+    ) -> None:
+        """``dtype``: the batch's (None: the first request's); ``copy`` moves each request into it."""
         self._allocate = allocate
         self._min_rows = min_rows
+        self._dtype = dtype
+        self._copy = copy
         self._slab: np.ndarray | None = None
 
     def gather(
@@ -60,7 +71,8 @@ class BatchSlab:
         and the failed ones' exceptions by index. A single contiguous writeable request is used as it is."""
         rejected: dict[int, Exception] = {}
         first = parts[0]
-        if len(parts) == 1 and first.flags.writeable and first.flags.c_contiguous:
+        dtype = first.dtype if self._dtype is None else self._dtype
+        if len(parts) == 1 and first.dtype == dtype and first.flags.writeable and first.flags.c_contiguous:
             error = validate(first) if validate is not None else None
             if error is not None:
                 return first[:0], [], {0: error}
@@ -68,14 +80,14 @@ class BatchSlab:
         rows = sum(part.shape[0] for part in parts)
         shape = (rows, *first.shape[1:])
         slab = self._slab
-        if slab is None or slab.dtype != first.dtype or slab.shape[1:] != shape[1:] or slab.shape[0] < rows:
-            slab = self._allocate((max(rows, self._min_rows), *shape[1:]), first.dtype)
+        if slab is None or slab.dtype != dtype or slab.shape[1:] != shape[1:] or slab.shape[0] < rows:
+            slab = self._allocate((max(rows, self._min_rows), *shape[1:]), dtype)
             self._slab = slab
         sizes: list[int] = []
         end = 0
         for index, part in enumerate(parts):
             target = slab[end : end + part.shape[0]]
-            np.copyto(target, part)
+            self._copy(target, part)
             error = validate(target) if validate is not None else None
             if error is None:
                 end += part.shape[0]

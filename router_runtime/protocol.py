@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from router_runtime.dtypes import BF16_BITS, bf16_bits, bf16_non_finite
+
 INPUT_NAME = "hidden_states"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
@@ -28,11 +30,20 @@ OUTPUT_WEIGHTS = "expert_weights"
 OUTPUT_COUNTS = "num_experts"
 OUTPUT_MOE = "moe_output"
 
-#: OIP datatype name of each numpy dtype the router returns, and what it accepts.
+#: OIP datatype name of each numpy dtype the router returns.
 DATATYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
     "INT64": np.dtype("<i8"),
 }
+#: The datatypes ``hidden_states`` may be sent in, and how each is held once decoded. Models keep their
+#: hidden states in BF16 or FP16; sending them as they are halves the bytes on the wire, and the router
+#: widens them to float32 before the gate, so they are routed exactly as the FP32 tensor of the same values.
+INPUT_DATATYPES: dict[str, np.dtype[Any]] = {
+    "FP32": np.dtype("<f4"),
+    "FP16": np.dtype("<f2"),
+    "BF16": BF16_BITS,
+}
+_ACCEPTED = "FP32, FP16 or BF16"
 _KNOWN_DATATYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
                     "FP16", "FP32", "FP64", "BF16", "BYTES"}  # fmt: skip
 
@@ -50,7 +61,7 @@ class ProtocolError(Exception):
 class InferRequest:
     """A decoded inference request: the hidden states and how to answer."""
 
-    tokens: np.ndarray
+    tokens: np.ndarray  # [T, d] in the sent datatype's storage (``INPUT_DATATYPES``)
     shape: tuple[int, ...]
     request_id: str | None = None
     outputs: tuple[str, ...] = ()
@@ -181,7 +192,10 @@ def decode_infer_request(
     known_outputs: Sequence[str],
     check_finite: bool = True,
 ) -> InferRequest:
-    """Decode a JSON or binary-extension request into ``tokens [T, d]`` float32 and output choices.
+    """Decode a JSON or binary-extension request into ``tokens [T, d]`` and output choices.
+
+    ``tokens`` is held as sent (``INPUT_DATATYPES``: float32, float16, or BF16 bits); JSON numbers are rounded to
+    the declared datatype, so a tensor is routed the same whichever way it was sent.
 
     ``check_finite=False`` leaves the NaN/Inf check (``non_finite_error``) to the caller, e.g. for a
     server that runs it where the tensor is already in cache.
@@ -199,13 +213,14 @@ def decode_infer_request(
     name = tensor.get("name")
     _require(name == INPUT_NAME, f"unknown input {name!r}: the model takes one input named {INPUT_NAME!r}")
     datatype = tensor.get("datatype")
-    _require(isinstance(datatype, str), f"input {INPUT_NAME!r} needs a 'datatype' string (FP32)")
+    _require(isinstance(datatype, str), f"input {INPUT_NAME!r} needs a 'datatype' string ({_ACCEPTED})")
     _require(
-        datatype == "FP32",
-        f"wrong datatype {datatype!r} for {INPUT_NAME!r}: only FP32 is accepted"
+        datatype in INPUT_DATATYPES,
+        f"wrong datatype {datatype!r} for {INPUT_NAME!r}: {_ACCEPTED} is accepted"
         if datatype in _KNOWN_DATATYPES
-        else f"unknown datatype {datatype!r} for {INPUT_NAME!r}: only FP32 is accepted",
+        else f"unknown datatype {datatype!r} for {INPUT_NAME!r}: {_ACCEPTED} is accepted",
     )
+    storage = INPUT_DATATYPES[datatype]
     shape = _shape(tensor, input_dim)
     tokens = math.prod(shape[:-1])
     _require(tokens > 0, f"empty tensor: shape {list(shape)} holds no tokens")
@@ -221,10 +236,10 @@ def decode_infer_request(
             f"binary_data_size must be a non-negative integer, got {binary_size!r}",
         )
         _require("data" not in tensor, f"input {INPUT_NAME!r} has both 'data' and binary_data_size: send one")
-        expected = count * 4
+        expected = count * storage.itemsize
         _require(
             binary_size == expected,
-            f"binary_data_size is {binary_size} but FP32 shape {list(shape)} needs {expected} bytes",
+            f"binary_data_size is {binary_size} but {datatype} shape {list(shape)} needs {expected} bytes",
         )
         available = len(body) - header_length
         _require(
@@ -235,10 +250,10 @@ def decode_infer_request(
             available == expected,
             f"binary body has {available - expected} bytes after the last tensor; expected exactly {expected}",
         )
-        array = np.frombuffer(body, dtype="<f4", count=count, offset=header_length).reshape(-1, shape[-1])
+        array = np.frombuffer(body, dtype=storage, count=count, offset=header_length).reshape(-1, shape[-1])
     else:
         _require("data" in tensor, f"input {INPUT_NAME!r} needs 'data' (or binary_data_size with the binary extension)")
-        array = _json_data(tensor["data"], count, shape)
+        array = _as_datatype(_json_data(tensor["data"], count, shape), datatype)
     if check_finite:
         error = non_finite_error(array)
         if error is not None:
@@ -250,11 +265,31 @@ def decode_infer_request(
 
 
 def non_finite_error(tokens: np.ndarray) -> ProtocolError | None:
-    """The 400 for a tensor holding NaN or Inf, else None."""
-    # min/max propagate NaN and expose +-Inf without allocating a mask the size of the tensor.
-    if math.isfinite(float(tokens.min())) and math.isfinite(float(tokens.max())):
-        return None
-    return ProtocolError(400, f"input {INPUT_NAME!r} contains NaN or Inf")
+    """The 400 for a tensor (float32, float16 or BF16 bits) holding NaN or Inf, else None."""
+    if tokens.dtype == BF16_BITS:
+        finite = not bool(bf16_non_finite(tokens).any())
+    else:
+        # min/max propagate NaN and expose +-Inf without allocating a mask the size of the tensor.
+        finite = math.isfinite(float(tokens.min())) and math.isfinite(float(tokens.max()))
+    return None if finite else ProtocolError(400, f"input {INPUT_NAME!r} contains NaN or Inf")
+
+
+def _as_datatype(values: np.ndarray, datatype: str) -> np.ndarray:
+    """JSON numbers (parsed as float32) held as ``datatype``; a finite number the datatype cannot hold is refused."""
+    if datatype == "FP32":
+        return values
+    with np.errstate(over="ignore"):
+        held = bf16_bits(values) if datatype == "BF16" else values.astype(np.float16)
+    infinite = bf16_non_finite(held) if datatype == "BF16" else ~np.isfinite(held)
+    overflow = infinite & np.isfinite(values)
+    if overflow.any():
+        largest = "65504" if datatype == "FP16" else "3.39e38"
+        raise ProtocolError(
+            400,
+            f"input {INPUT_NAME!r} holds {float(values[overflow][0]):g}, outside the {datatype} range "
+            f"(largest finite value {largest})",
+        )
+    return held
 
 
 def rejected_by_gate(logits: np.ndarray, parts: Sequence[np.ndarray]) -> dict[int, ProtocolError]:
@@ -359,10 +394,19 @@ def encode_request(
     outputs: Sequence[str] = (),
     binary_outputs: bool | None = None,
     request_id: str | None = None,
+    datatype: str = "FP32",
 ) -> tuple[bytes, dict[str, str]]:
-    """Client side: body and headers of an infer request for ``tokens [T, d]`` (or ``[B, S, d]``)."""
-    array = np.ascontiguousarray(tokens, dtype="<f4")
-    tensor: dict[str, Any] = {"name": INPUT_NAME, "shape": list(array.shape), "datatype": "FP32"}
+    """Client side: body and headers of an infer request for ``tokens [T, d]`` (or ``[B, S, d]``), sent as
+    ``datatype`` (FP32, FP16 or BF16; the values are rounded to it)."""
+    if datatype not in INPUT_DATATYPES:
+        raise ValueError(f"datatype must be one of {', '.join(INPUT_DATATYPES)}, got {datatype!r}")
+    values = np.ascontiguousarray(tokens, dtype="<f4")
+    tensor: dict[str, Any] = {"name": INPUT_NAME, "shape": list(values.shape), "datatype": datatype}
+    try:
+        # JSON numbers are sent as they are and rounded by the server; binary bytes are the datatype's own.
+        array = values if not binary else _as_datatype(values, datatype)
+    except ProtocolError as exc:
+        raise ValueError(exc.message) from None
     want_binary = binary if binary_outputs is None else binary_outputs
     document: dict[str, Any] = {"inputs": [tensor]}
     if request_id is not None:

@@ -27,6 +27,7 @@ from torch import nn
 from router_runtime import kernels
 from router_runtime.balancing import SelectionBias, apply_capacity, expert_capacity
 from router_runtime.config import RouterConfig
+from router_runtime.dtypes import BF16_BITS, TOKEN_DTYPES
 from router_runtime.estimators import (
     ComplexityCalibrator,
     entropy_counts,
@@ -50,6 +51,8 @@ from router_runtime.stats import CumulativeStats, RoutingStats
 log = logging.getLogger(__name__)
 
 _TINY = torch.finfo(torch.float32).tiny
+#: 16-bit tokens are widened to float32 this many bytes at a time before the gate (``_gate_into``).
+_WIDEN_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,10 @@ class DynamicRouter(nn.Module):
 
     def as_tokens(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``[T, d]`` or ``[B, S, d]`` floating input as a float32 ``[T, d]`` view (copy only if needed)."""
+        return self._token_rows(x).to(torch.float32)
+
+    def _token_rows(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """``[T, d]`` or ``[B, S, d]`` floating input as ``[T, d]``, in its own dtype."""
         tensor = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
         d = self.config.input_dim
         if tensor.dim() not in (2, 3):
@@ -192,7 +199,23 @@ class DynamicRouter(nn.Module):
             raise ValueError(f"router input has last dimension {tensor.shape[-1]}, the router's inputDim is {d}")
         if not tensor.is_floating_point():
             raise ValueError(f"router input must be a floating point tensor, got {tensor.dtype}")
-        return tensor.reshape(-1, d).to(torch.float32)
+        return tensor.reshape(-1, d)
+
+    def _gate_into(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Gate logits of host ``tokens [T, d]`` into ``logits [T, L]``. 16-bit tokens are widened to float32 a
+        few megabytes at a time, in a scratch buffer that stays in cache, and gated from there: the same logits
+        as widening the whole tensor first, which writes and rereads twice its size (measured 1.4-1.7x slower)."""
+        gate_t = self._gate.t()
+        if tokens.dtype == torch.float32:
+            torch.mm(tokens, gate_t, out=logits)
+            return
+        n, d = tokens.shape
+        chunk = max(1, _WIDEN_BYTES // (4 * d))
+        scratch = torch.empty((min(n, chunk), d), dtype=torch.float32)
+        for start in range(0, n, chunk):
+            rows = scratch[: min(chunk, n - start)]
+            rows.copy_(tokens[start : start + chunk])
+            torch.mm(rows, gate_t, out=logits[start : start + rows.shape[0]])
 
     def route(
         self, x: torch.Tensor | np.ndarray, *, update_state: bool = True, compute_output: bool = True
@@ -206,9 +229,16 @@ class DynamicRouter(nn.Module):
         # reductions, no full sort, and statistics on the host in numpy.
         # Detached, and every weight is a buffer: no autograd graph without an inference_mode context
         # (whose enter/exit costs ~9 us a call).
-        tokens = self.as_tokens(x).detach()
-        if not self.on_host:
-            tokens = tokens.to(self.device, non_blocking=True)
+        rows = self._token_rows(x).detach()
+        if self.on_host and rows.dtype != torch.float32 and (self._expert_ffns is None or not compute_output):
+            # 16-bit host tokens that only need routing: gated a cache-sized chunk at a time, never widened whole.
+            logits = torch.empty((rows.shape[0], self._gate.shape[0]), dtype=torch.float32)
+            self._gate_into(rows, logits)
+            return self._select(None, logits, update_state)
+        if self.on_host:
+            tokens = rows.to(torch.float32)
+        else:  # 16-bit tokens cross to the device at their own size and are widened there
+            tokens = rows.to(self.device, non_blocking=True).to(torch.float32)
         return self._select(tokens if compute_output else None, F.linear(tokens, self._gate), update_state)
 
     @property
@@ -218,28 +248,30 @@ class DynamicRouter(nn.Module):
         return self.on_host and self._expert_ffns is None
 
     def gate(self, parts: Sequence[np.ndarray]) -> torch.Tensor:
-        """Gate logits ``[sum T_i, L]`` of several float32 ``[T_i, d]`` arrays, each read where it lies.
+        """Gate logits ``[sum T_i, L]`` of several ``[T_i, d]`` arrays, each read where it lies.
 
         The server's batch is a list of request bodies: gating each into its rows of one logits buffer
         reads every activation once, where copying them into one batch first read and wrote them once more
         (a tenth of the server's CPU). ``route_logits`` then routes the batch from the logits.
+        Parts may be float32, float16 or BF16 bits (``dtypes.BF16_BITS``); a 16-bit part is gated exactly as
+        its float32 values (``_gate_into``).
         """
         if not self.gates_in_place:
             raise ValueError("gate() runs on the host without expert FFNs; use route() on the whole batch")
         d = self.config.input_dim
         rows = 0
         for part in parts:
-            if part.ndim != 2 or part.shape[1] != d or part.dtype != np.float32:
-                raise ValueError(f"each part must be a float32 [T, {d}] array, got {part.dtype} {list(part.shape)}")
+            if part.ndim != 2 or part.shape[1] != d or part.dtype not in TOKEN_DTYPES:
+                raise ValueError(
+                    f"each part must be a float32, float16 or BF16-bits (uint16) [T, {d}] array, "
+                    f"got {part.dtype} {list(part.shape)}"
+                )
             rows += part.shape[0]
         logits = torch.empty((rows, self._gate.shape[0]), dtype=torch.float32)
-        gate_t = self._gate.t()
         start = 0
         for part in parts:
-            if not (part.flags.writeable and part.flags.c_contiguous):
-                part = np.array(part)  # torch wraps only writeable arrays; read-only bodies are the small ones
             end = start + part.shape[0]
-            torch.mm(torch.from_numpy(part), gate_t, out=logits[start:end])
+            self._gate_into(token_tensor(part), logits[start:end])
             start = end
         return logits
 
@@ -474,6 +506,17 @@ class DynamicRouter(nn.Module):
                 self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moe-route")
                 self._pool_workers = workers
             return self._pool
+
+
+def token_tensor(part: np.ndarray) -> torch.Tensor:
+    """A token array (float32, float16 or BF16 bits) as a torch tensor of its real dtype, sharing its memory.
+
+    Widen with torch (``copy_`` into float32): 2-10x faster than numpy's conversion here, float16 in particular.
+    """
+    if not (part.flags.writeable and part.flags.c_contiguous):
+        part = np.array(part)  # torch wraps only writeable arrays; read-only bodies are the small ones
+    tensor = torch.from_numpy(part)
+    return tensor.view(torch.bfloat16) if part.dtype == BF16_BITS else tensor
 
 
 def resolve_device(name: str, kernel: str = "auto") -> torch.device:

@@ -52,7 +52,7 @@ from router_runtime.protocol import (
     parse_header_length,
     rejected_by_gate,
 )
-from router_runtime.router import DynamicRouter, RoutingResult
+from router_runtime.router import DynamicRouter, RoutingResult, token_tensor
 from router_runtime.transport import BODY_EXTENSION, BodyIncomplete, DirectBody, direct_body_protocol, infer_model_name
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,12 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
     expected_key = api_key.encode() if api_key else None
 
     # Only for a router that needs the batch in one array (a GPU's pinned staging buffer, expert FFNs).
-    slab = BatchSlab(model.host_array, min_rows=server_config.batching.max_batch_tokens)
+    slab = BatchSlab(
+        model.host_array,
+        min_rows=server_config.batching.max_batch_tokens,
+        dtype=np.dtype(np.float32),
+        copy=lambda target, part: torch.from_numpy(target).copy_(token_tensor(part)),  # FP16 / BF16 widened
+    )
 
     def route_batch(parts: Sequence[np.ndarray]) -> list[RoutedSlice | Exception]:
         """Runs on the batcher's worker thread: route the requests as one batch, cut it back into requests."""

@@ -44,3 +44,10 @@ def server_url() -> Iterator[str]:
 def secured_url() -> Iterator[str]:
     with running_server(small_config(), api_key=API_KEY) as (url, _app):
         yield url
+
+
+@pytest.fixture(scope="module")
+def stateless_url() -> Iterator[str]:
+    """The small server without load balancing: the same tokens are always routed the same, whatever came before."""
+    with running_server(small_config(loadBalancing={"enabled": False})) as (url, _app):
+        yield url

@@ -31,6 +31,18 @@ def test_route_over_json_gives_the_same_statistics(server_url: str, capsys: pyte
     assert json.loads(capsys.readouterr().out)["expert_load"] == binary["expert_load"]
 
 
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+def test_route_sends_16_bit_tokens_in_binary_and_json_alike(
+    stateless_url: str, datatype: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    command = ["route", "--url", stateless_url, "--model", "tiny", "--tokens", "16", "--datatype", datatype]
+    assert main(command) == 0
+    binary = json.loads(capsys.readouterr().out)
+    assert binary["tokens"] == 16
+    assert main([*command, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["expert_load"] == binary["expert_load"]
+
+
 def test_route_reports_a_rejected_api_key(secured_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["route", "--url", secured_url, "--model", "tiny", "--api-key", "wrong"]) == 1
     assert "HTTP 401" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import json
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from router_runtime.client import RouterClientError, route
 from router_runtime.protocol import HEADER_LENGTH, encode_request
@@ -52,6 +53,28 @@ def test_binary_and_json_requests_route_identically(server_url: str) -> None:
     as_json = route(server_url, "tiny", x, binary=False)
     assert np.array_equal(as_binary.indices, as_json.indices)
     np.testing.assert_allclose(as_binary.weights, as_json.weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+def test_16_bit_requests_route_as_their_float32_values_with_hosted_experts(stateless_url: str, datatype: str) -> None:
+    # This server hosts expert FFNs: its batches are gathered into one float32 buffer, 16-bit requests widened.
+    x = tokens(t=7, seed=4)
+    rounded = np.asarray(
+        torch.from_numpy(x).to(torch.bfloat16 if datatype == "BF16" else torch.float16).float().numpy()
+    )
+    for binary in (True, False):
+        sent = route(stateless_url, "tiny", x, binary=binary, datatype=datatype)
+        exact = route(stateless_url, "tiny", rounded, binary=True)
+        assert np.array_equal(sent.indices, exact.indices)
+        np.testing.assert_allclose(sent.weights, exact.weights, rtol=1e-6)
+        assert sent.moe_output is not None and exact.moe_output is not None
+        np.testing.assert_allclose(sent.moe_output, exact.moe_output, rtol=1e-5, atol=1e-6)
+
+
+def test_an_fp16_json_value_out_of_range_is_answered_400_naming_the_range(server_url: str) -> None:
+    response = post_json(server_url, hidden([1, 16], [70000.0] + [0.0] * 15, datatype="FP16"))
+    assert response.status_code == 400
+    assert "outside the FP16 range" in response.json()["error"]
 
 
 def test_binary_response_carries_header_length(server_url: str) -> None:

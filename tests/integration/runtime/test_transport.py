@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from router_runtime import transport
 from router_runtime.config import RuntimeFileConfig
@@ -52,9 +53,9 @@ def expected_indices(reference: DynamicRouter, x: np.ndarray) -> np.ndarray:
     return reference.route(x, update_state=False).indices.numpy()
 
 
-def raw_request(x: np.ndarray, path: str = INFER, extra: str = "") -> tuple[bytes, bytes]:
+def raw_request(x: np.ndarray, path: str = INFER, extra: str = "", datatype: str = "FP32") -> tuple[bytes, bytes]:
     """Head and body of a binary infer request, as a client would put them on the wire."""
-    body, headers = encode_request(x, binary=True)
+    body, headers = encode_request(x, binary=True, datatype=datatype)
     lines = [f"POST {path} HTTP/1.1", "Host: test", f"Content-Length: {len(body)}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode(), body
@@ -191,13 +192,15 @@ def test_a_client_leaving_mid_body_does_not_disturb_the_server(served: tuple[str
     assert json.loads(httpx.get(served[0] + "/v2/health/ready").content) == {"ready": True}
 
 
-def side_by_side(port: int, first: np.ndarray, second: np.ndarray) -> tuple[tuple[int, np.ndarray], ...]:
+def side_by_side(
+    port: int, first: np.ndarray, second: np.ndarray, datatypes: tuple[str, str] = ("FP32", "FP32")
+) -> tuple[tuple[int, np.ndarray], ...]:
     """Send two requests on two connections at once (so they can share a batch); both responses."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as one, socket.create_connection(
         ("127.0.0.1", port), timeout=10
     ) as other:
-        one.sendall(b"".join(raw_request(first)))
-        other.sendall(b"".join(raw_request(second)))
+        one.sendall(b"".join(raw_request(first, datatype=datatypes[0])))
+        other.sendall(b"".join(raw_request(second, datatype=datatypes[1])))
         return read_response(one, bytearray()), read_response(other, bytearray())
 
 
@@ -217,5 +220,27 @@ def test_finite_values_too_large_for_the_gate_are_answered_400_and_their_batch_m
     good, huge = tokens(18), tokens(19)
     huge[7, :] = 3e38  # finite, but the gate's logits overflow float32: the routing would be NaN
     rejected, routed = side_by_side(served[1], huge, good)
+    assert rejected[0] == 400
+    assert routed[0] == 200 and np.array_equal(routed[1], expected_indices(reference, good))
+
+
+def test_bf16_and_fp16_bodies_are_routed_as_the_float32_tensors_of_their_values(
+    served: tuple[str, int], reference: DynamicRouter
+) -> None:
+    x, y = tokens(20) * 4, tokens(21)
+    as_bf16 = torch.from_numpy(x).bfloat16().float().numpy()
+    as_fp16 = y.astype(np.float16).astype(np.float32)
+    assert not np.array_equal(as_bf16, x)  # the rounding is real: the answers below are for the rounded values
+    first, second = side_by_side(served[1], x, y, datatypes=("BF16", "FP16"))
+    assert first[0] == 200 and np.array_equal(first[1], expected_indices(reference, as_bf16))
+    assert second[0] == 200 and np.array_equal(second[1], expected_indices(reference, as_fp16))
+
+
+def test_a_bf16_tensor_with_inf_is_answered_400_and_its_batch_mate_is_routed(
+    served: tuple[str, int], reference: DynamicRouter
+) -> None:
+    good, bad = tokens(22), tokens(23)
+    bad[5, 9] = np.inf
+    rejected, routed = side_by_side(served[1], bad, good, datatypes=("BF16", "FP32"))
     assert rejected[0] == 400
     assert routed[0] == 200 and np.array_equal(routed[1], expected_indices(reference, good))

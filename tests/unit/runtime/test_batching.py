@@ -198,3 +198,19 @@ def test_a_single_writeable_request_is_not_copied() -> None:
     assert tokens is request and sizes == [3] and not rejected
 
 
+
+
+def test_a_slab_of_a_fixed_dtype_converts_each_request_with_its_copier() -> None:
+    copied: list[np.dtype] = []
+
+    def widen(target: np.ndarray, part: np.ndarray) -> None:
+        copied.append(part.dtype)
+        np.copyto(target, part)
+
+    slab = BatchSlab(dtype=np.dtype(np.float32), copy=widen)
+    half = rows(2, 1.5).astype(np.float16)
+    tokens, sizes, _ = slab.gather([half])  # a single request of another dtype is converted, not passed through
+    assert tokens.dtype == np.float32 and tokens.tolist() == [[1.5, 1.5]] * 2 and sizes == [2]
+    tokens, sizes, _ = slab.gather([rows(1, 3.0), half])
+    assert tokens.tolist() == [[3.0, 3.0], [1.5, 1.5], [1.5, 1.5]] and sizes == [1, 2]
+    assert copied == [np.float16, np.float32, np.float16]

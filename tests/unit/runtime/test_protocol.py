@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
+from router_runtime.dtypes import bf16_bits
 from router_runtime.protocol import (
     ProtocolError,
     decode_infer_request,
@@ -86,7 +88,7 @@ def test_per_output_binary_flag_is_honoured() -> None:
         (b'{"inputs": [1, 2}', 400, "malformed JSON: Expecting ',' delimiter at line 1 column 17"),
         (request([1, 4], [0] * 4, outputs=[{"name": "logits"}]), 400, "unknown output 'logits'"),
         (request([1, 4], [0] * 4, id=5), 400, "'id' must be a string"),
-        (typed("FP16"), 400, "wrong datatype 'FP16'"),
+        (typed("FP64"), 400, "wrong datatype 'FP64' for 'hidden_states': FP32, FP16 or BF16 is accepted"),
         (typed("X"), 400, "unknown datatype 'X'"),
     ],
 )  # fmt: skip
@@ -187,3 +189,66 @@ def test_non_finite_values_in_a_binary_tensor_are_rejected() -> None:
         body, headers = encode_request(x, binary=True)
         with pytest.raises(ProtocolError, match="NaN or Inf"):
             decode(body, int(headers["Inference-Header-Content-Length"]))
+
+
+def binary_body(x: np.ndarray, datatype: str) -> tuple[bytes, int]:
+    body, headers = encode_request(x, binary=True, datatype=datatype)
+    return body, int(headers["Inference-Header-Content-Length"])
+
+
+def test_fp16_and_bf16_binary_tensors_travel_in_half_the_bytes_and_decode_as_sent() -> None:
+    x = np.random.default_rng(2).standard_normal((3, 4), dtype=np.float32)
+    fp32, fp32_header = binary_body(x, "FP32")
+    for datatype, dtype in (("FP16", np.dtype("<f2")), ("BF16", np.dtype("<u2"))):
+        body, header = binary_body(x, datatype)
+        assert len(body) - header == (len(fp32) - fp32_header) // 2 == 24
+        decoded = decode(body, header)
+        assert decoded.tokens.dtype == dtype and decoded.tokens.shape == (3, 4)
+    assert np.array_equal(decode(*binary_body(x, "FP16")).tokens, x.astype(np.float16))
+    assert np.array_equal(decode(*binary_body(x, "BF16")).tokens, bf16_bits(x))
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+def test_json_numbers_are_rounded_to_the_declared_datatype(datatype: str) -> None:
+    x = np.random.default_rng(3).standard_normal((2, 4), dtype=np.float32)
+    body, _ = encode_request(x, binary=False, datatype=datatype)
+    assert json.loads(body)["inputs"][0]["datatype"] == datatype
+    assert np.array_equal(decode(body).tokens, decode(*binary_body(x, datatype)).tokens)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "value", "fragment"),
+    [
+        ("FP16", 70000.0, "holds 70000, outside the FP16 range (largest finite value 65504)"),
+        ("FP16", -1e6, "holds -1e+06, outside the FP16 range"),
+        ("BF16", 3.4e38, "outside the BF16 range"),
+    ],
+)
+def test_a_json_value_the_datatype_cannot_hold_is_named(datatype: str, value: float, fragment: str) -> None:
+    tensor = {"name": "hidden_states", "shape": [1, 4], "datatype": datatype, "data": [1.0, value, 0.0, 0.0]}
+    with pytest.raises(ProtocolError, match=re.escape(fragment)):
+        decode(json.dumps({"inputs": [tensor]}).encode())
+    with pytest.raises(ValueError, match=re.escape(fragment)):  # the client refuses to send it in binary
+        encode_request(np.array([[1.0, value, 0.0, 0.0]], np.float32), binary=True, datatype=datatype)
+
+
+def test_a_16_bit_binary_size_must_match_its_datatype() -> None:
+    header = json.dumps(
+        {"inputs": [{"name": "hidden_states", "shape": [2, 4], "datatype": "BF16",
+                     "parameters": {"binary_data_size": 32}}]}
+    ).encode()  # fmt: skip
+    with pytest.raises(ProtocolError, match=re.escape("binary_data_size is 32 but BF16 shape [2, 4] needs 16 bytes")):
+        decode(header + b"\0" * 32, len(header))
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+def test_nan_in_a_16_bit_tensor_is_refused(datatype: str) -> None:
+    x = np.zeros((2, 4), np.float32)
+    x[1, 2] = np.nan
+    with pytest.raises(ProtocolError, match="NaN or Inf"):
+        decode_infer_request(*binary_body(x, datatype), input_dim=4, max_tokens=100, known_outputs=KNOWN)
+
+
+def test_the_client_names_a_datatype_it_cannot_send() -> None:
+    with pytest.raises(ValueError, match="datatype must be one of FP32, FP16, BF16, got 'FP64'"):
+        encode_request(np.zeros((1, 4), np.float32), binary=True, datatype="FP64")

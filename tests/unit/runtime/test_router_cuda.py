@@ -82,6 +82,13 @@ def test_a_device_tensor_input_is_routed_too() -> None:
     assert_same_decisions(cpu.route(x), gpu.route(x.cuda()))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_tokens_are_routed_as_the_cpu_routes_them(dtype: torch.dtype) -> None:
+    cpu, gpu = pair(CASES["top_p"])
+    x = tokens(512).to(dtype)  # sent to the device at 16 bits, widened there
+    assert_same_decisions(cpu.route(x), gpu.route(x))
+
+
 def test_expert_outputs_match_the_cpu() -> None:
     cpu, gpu = pair(CASES["experts"])
     x = tokens(1024)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from router_runtime import router as router_module
 from router_runtime.config import RouterConfig
+from router_runtime.dtypes import bf16_bits
 from router_runtime.experts import seeded_state
 from router_runtime.protocol import rejected_by_gate
 from router_runtime.router import DynamicRouter
@@ -67,7 +69,7 @@ def test_read_only_and_strided_parts_are_gated_correctly() -> None:
 @pytest.mark.parametrize(
     ("part", "message"),
     [
-        (np.zeros((2, 8), np.float32), r"float32 \[T, 16\]"),
+        (np.zeros((2, 8), np.float32), r"\(uint16\) \[T, 16\]"),
         (np.zeros((2, 16), np.float64), "float32"),
         (np.zeros((2, 2, 16), np.float32), "float32"),
     ],
@@ -115,3 +117,52 @@ def test_a_clean_batch_has_nothing_rejected() -> None:
     router = DynamicRouter(config())
     batch = parts([8, 8])
     assert rejected_by_gate(router.gate(batch).numpy(), batch) == {}
+
+
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
+def test_fp16_and_bf16_parts_are_gated_and_routed_exactly_as_their_float32_values(kernel: str) -> None:
+    sixteen, reference = DynamicRouter(config(kernel=kernel)), DynamicRouter(config(kernel=kernel))
+    batch = parts([5, 9, 3, 6], seed=7)
+    sent = [
+        bf16_bits(batch[0]),
+        batch[1].astype(np.float16),
+        batch[2],
+        np.frombuffer(bf16_bits(batch[3]).tobytes(), dtype=np.uint16).reshape(6, 16),  # read-only, as a body
+    ]
+    values = [
+        torch.from_numpy(batch[0]).bfloat16().float().numpy(),
+        sent[1].astype(np.float32),
+        batch[2],
+        torch.from_numpy(batch[3]).bfloat16().float().numpy(),
+    ]
+    logits = sixteen.gate(sent)
+    assert torch.equal(logits, reference.gate(values))
+    got = sixteen.route_logits(logits)
+    want = reference.route(torch.from_numpy(np.concatenate(values)))
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.weights, want.weights)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", ["BF16", "FP16"])
+def test_a_non_finite_16_bit_token_is_caught_through_its_logits(dtype: str, bad: float) -> None:
+    router = DynamicRouter(config())
+    batch = parts([3, 4])
+    batch[1][1, 2] = bad
+    sent = [bf16_bits(part) if dtype == "BF16" else part.astype(np.float16) for part in batch]
+    rejected = rejected_by_gate(router.gate(sent).numpy(), sent)
+    assert list(rejected) == [1] and "NaN or Inf" in rejected[1].message
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strategy", ["top_k", "top_p", "entropy", "complexity"])
+def test_16_bit_tensors_are_routed_in_chunks_as_their_float32_values(
+    dtype: torch.dtype, strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(router_module, "_WIDEN_BYTES", 7 * 4 * 16)  # 7 rows at a time: 50 tokens in 8 chunks
+    sixteen, reference = DynamicRouter(config(strategy=strategy)), DynamicRouter(config(strategy=strategy))
+    for seed in range(2):
+        x = torch.from_numpy(parts([50], seed=seed)[0]).to(dtype).reshape(2, 25, 16)
+        got, want = sixteen.route(x), reference.route(x.float())
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.k, want.k)
+        assert torch.allclose(got.weights, want.weights)  # a matmul over 7 rows may round apart in the last bit
+    assert sixteen.cumulative.snapshot().k_counts.tolist() == reference.cumulative.snapshot().k_counts.tolist()
