@@ -18,6 +18,22 @@ from router_runtime.router import DynamicRouter
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed: no fused kernel to compare")
 
 
+@pytest.fixture(autouse=True)
+def torch_gate_logits(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """The comparisons below are of what follows the gate: both routers get torch's logits, bit for bit.
+
+    The fused router's own gate kernel rounds differently in the last bit (``test_the_gate_kernel_*``), which
+    could break a near-tie differently; that is tested apart from the decisions.
+    """
+    if "gate_kernel" in request.node.name:
+        return
+
+    def torch_rows(x: np.ndarray, w: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+        out[start:stop] = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w)).numpy()[start:stop]
+
+    monkeypatch.setattr(kernels, "gate_rows", torch_rows)
+
+
 def config(kernel: str, **fields: Any) -> RouterConfig:
     base: dict[str, Any] = {"inputDim": 32, "numExperts": 8, "minExperts": 1, "maxExperts": 3, "strategy": "top_p"}
     # The CPU kernels compared with each other: on a GPU machine "auto" would put the torch path on the GPU.
@@ -134,3 +150,73 @@ def test_fused_without_numba_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ValueError, match="numba is not installed"):
         DynamicRouter(config("fused"))
     assert not DynamicRouter(config("auto")).fused
+
+
+@pytest.mark.parametrize("outputs", [1, 8, 9, 64])
+@pytest.mark.parametrize("tokens", [0, 1, 3, 4, 5, 258])
+def test_the_gate_kernel_computes_the_logits(outputs: int, tokens: int) -> None:
+    rng = np.random.default_rng(outputs * 1000 + tokens)
+    x = rng.standard_normal((tokens, 96), dtype=np.float32)
+    w = rng.standard_normal((outputs, 96), dtype=np.float32)
+    out = np.full((tokens, outputs), np.nan, dtype=np.float32)
+    kernels.gate_rows(x, w, 0, tokens, out)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
+
+
+def test_the_gate_kernel_gives_a_token_the_same_bits_wherever_it_sits() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((11, 64), dtype=np.float32)
+    w = rng.standard_normal((9, 64), dtype=np.float32)
+    alone = np.empty((11, 9), dtype=np.float32)
+    kernels.gate_rows(x, w, 0, 11, alone)
+    for shift in (1, 2, 3):  # every offset against the blocks of four, the padded tail included
+        shifted = np.concatenate([rng.standard_normal((shift, 64), dtype=np.float32), x])
+        out = np.empty((11 + shift, 9), dtype=np.float32)
+        kernels.gate_rows(shifted, w, 0, 11 + shift, out)
+        np.testing.assert_array_equal(out[shift:], alone)
+    split = np.empty_like(alone)
+    kernels.gate_rows(x, w, 0, 6, split)
+    kernels.gate_rows(x, w, 6, 11, split)
+    np.testing.assert_array_equal(split, alone)
+
+
+def test_the_gate_kernel_keeps_nan_and_inf_for_the_server_to_find() -> None:
+    x = np.ones((6, 16), dtype=np.float32)
+    w = np.ones((3, 16), dtype=np.float32)
+    w[:, 2] = 0.0
+    x[1, 0], x[3, 2], x[4, 5] = np.nan, np.inf, -np.inf  # Inf x 0 is NaN: still caught
+    out = np.empty((6, 3), dtype=np.float32)
+    kernels.gate_rows(x, w, 0, 6, out)
+    assert np.isfinite(out).all(axis=1).tolist() == [True, False, True, False, False, True]
+
+
+def test_routing_through_the_gate_kernel_agrees_with_torch_up_to_near_ties() -> None:
+    fused, plain = pair(strategy="top_k", loadBalancing={"enabled": False})
+    x = inputs(11, tokens=2049)
+    a, b = fused.route(x), plain.route(x)
+    logits = torch.nn.functional.linear(x, plain.gate_weight)
+    top4 = logits.topk(4, dim=1).values
+    clear = (top4[:, :-1] - top4[:, 1:]).min(dim=1).values > 1e-4  # no two of the top 4 within rounding
+    assert clear.float().mean() > 0.99
+    assert torch.equal(a.indices[clear], b.indices[clear])
+    torch.testing.assert_close(a.weights[clear], b.weights[clear], rtol=1e-5, atol=1e-6)
+
+
+def test_the_gate_kernel_is_left_out_for_a_gate_too_big_for_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = kernels.gate_rows
+
+    def counting(*args: Any) -> None:
+        calls.append(1)
+        original(*args)
+
+    monkeypatch.setattr(kernels, "gate_rows", counting)
+    small = DynamicRouter(config("fused"))
+    small.route(inputs(0, tokens=8))
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(kernels, "GATE_MAX_WEIGHT_BYTES", 8 * 32 * 4 - 1)  # this gate is 8 x 32 float32
+    big = DynamicRouter(config("fused"))
+    assert big.fused
+    result = big.route(inputs(0, tokens=8))
+    assert not calls and result.indices.shape == (8, 3)
