@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from router_runtime import json_tensors
 from router_runtime.dtypes import BF16_BITS, bf16_bits, bf16_non_finite
 
 INPUT_NAME = "hidden_states"
@@ -167,6 +168,13 @@ def _shape(tensor: Mapping[str, Any], input_dim: int) -> tuple[int, ...]:
 
 
 def _json_data(data: Any, count: int, shape: tuple[int, ...]) -> np.ndarray:
+    if isinstance(data, np.ndarray):  # read by ``json_tensors``: flat float32 already
+        array = data
+        _require(
+            array.size == count,
+            f"input {INPUT_NAME!r} data holds {array.size} values but shape {list(shape)} needs {count}",
+        )
+        return array.reshape(-1, shape[-1])
     _require(isinstance(data, list), f"input {INPUT_NAME!r} needs 'data' as a JSON array of numbers")
     try:
         # Out-of-range numbers become inf here and are rejected by the finiteness check.
@@ -202,7 +210,8 @@ def decode_infer_request(
     """
     _require(len(body) > 0, "empty request body: expected an inference request JSON object")
     header = body if header_length is None else body[:header_length]
-    document = _json_object(header)
+    # A large JSON tensor's numbers go straight into numpy where they can (``json_tensors``).
+    document = (json_tensors.decode_document(body) if header_length is None else None) or _json_object(header)
     request_params = _parameters(document, "request")
     inputs = document.get("inputs")
     _require(isinstance(inputs, list) and len(inputs) > 0, "the request needs a non-empty 'inputs' list")
