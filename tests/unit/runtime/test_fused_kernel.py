@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from router_runtime import kernels
 from router_runtime.config import RouterConfig
+from router_runtime.dtypes import bf16_bits
 from router_runtime.experts import COMPLEXITY_BIAS, COMPLEXITY_WEIGHT, seeded_state
 from router_runtime.router import DynamicRouter
 
@@ -220,3 +221,20 @@ def test_the_gate_kernel_is_left_out_for_a_gate_too_big_for_the_cache(monkeypatc
     assert big.fused
     result = big.route(inputs(0, tokens=8))
     assert not calls and result.indices.shape == (8, 3)
+
+
+@pytest.mark.parametrize("outputs", [1, 8, 9])
+@pytest.mark.parametrize("rows", [(0, 0), (0, 1), (0, 4), (1, 7), (3, 258)])
+def test_the_bf16_gate_kernel_gives_the_bits_of_the_widened_tokens(outputs: int, rows: tuple[int, int]) -> None:
+    start, stop = rows
+    rng = np.random.default_rng(outputs + stop)
+    values = rng.standard_normal((stop + 2, 96), dtype=np.float32)
+    values[0, :3] = [np.nan, np.inf, -0.0]
+    bits = bf16_bits(values)
+    widened = (bits.astype(np.uint32) << 16).view(np.float32)
+    w = rng.standard_normal((outputs, 96), dtype=np.float32)
+    got = np.full((stop + 2, outputs), 7.0, dtype=np.float32)
+    want = got.copy()
+    kernels.gate_rows_bf16(bits, w, start, stop, got)
+    kernels.gate_rows(widened, w, start, stop, want)
+    np.testing.assert_array_equal(got, want)  # NaN rows compare equal as NaN; rows outside the range untouched
