@@ -48,9 +48,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+DTYPES = {"FP32": torch.float32, "BF16": torch.bfloat16, "FP16": torch.float16}
+
+
 def static_gate(x: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain static top-k gate the issue compares against (k=2: the top-2 baseline)."""
-    probs = torch.softmax(F.linear(x, weight).float(), dim=-1)
+    """The plain static top-k gate the issue compares against (k=2: the top-2 baseline); 16-bit input is gated
+    in its own dtype, as a BF16/FP16 model's gate layer does, and the softmax runs in fp32."""
+    probs = torch.softmax(F.linear(x, weight.to(x.dtype)).float(), dim=-1)
     values, indices = torch.topk(probs, k, dim=-1)
     return values / values.sum(-1, keepdim=True), indices
 
@@ -89,7 +93,9 @@ def time_interleaved(
     return {name: (min(values), statistics.median(values)) for name, values in samples.items()}
 
 
-def run(threads: int, min_seconds: float, repeats: int, kernel: str, device: str = "cpu") -> list[dict[str, object]]:
+def run(
+    threads: int, min_seconds: float, repeats: int, kernel: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> list[dict[str, object]]:
     torch.set_num_threads(threads)
     rows: list[dict[str, object]] = []
     for d, e, k_max in SHAPES:
@@ -113,6 +119,7 @@ def run(threads: int, min_seconds: float, repeats: int, kernel: str, device: str
             routers = {s: DynamicRouter(c) for s, c in configs.items()}
             # On a GPU the activations sit in pinned host memory, as in the server's batch buffer.
             x = torch.from_numpy(routers["top_k"].host_array(tuple(x.shape), np.dtype(np.float32))).copy_(x)
+            x = x.to(dtype)  # the routers widen 16-bit tokens to float32 before the gate
             baseline = f"static top-{k_max} gate (baseline)"
             gate = routers["top_k"].gate_weight
             candidates: dict[str, Callable[[], object]] = {
@@ -162,6 +169,12 @@ def main() -> int:
         help="router.device (cpu, cuda): on a GPU the activations start on the host and the decisions come back "
         "to it, for the routers and the baseline alike (the served path)",
     )
+    parser.add_argument(
+        "--datatype",
+        choices=tuple(DTYPES),
+        default="FP32",
+        help="dtype of the tokens (the issue's figures are FP32; models hand over BF16 or FP16 hidden states)",
+    )
     args = parser.parse_args()
     min_seconds, repeats = (0.03, 5) if args.quick else (0.06, 21)
     print(
@@ -172,7 +185,8 @@ def main() -> int:
     print(f"router kernel: {f'fused (numba {kernels.numba.__version__})' if fused else 'torch ops'} on {args.device}")
     if args.device != "cpu":
         print(f"GPU: {torch.cuda.get_device_name(torch.device(args.device))}")
-    rows = run(args.threads, min_seconds, repeats, args.kernel, args.device)
+    print(f"tokens: {args.datatype}")
+    rows = run(args.threads, min_seconds, repeats, args.kernel, args.device, DTYPES[args.datatype])
     print(f"load average after: {os.getloadavg()[0]:.2f} (other processes on the machine skew the figures)")
     columns = f"{'kmax':>4} {'mean k':>6} {'best ms':>8} {'med ms':>8} {'Mtok/s':>7} {'vs base':>7}"
     print(f"{'d':>5} {'E':>3} {'T':>5}  {'router':<30} {columns}")
