@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router_runtime import kernels
+from router_runtime import router as router_module
 from router_runtime.config import RouterConfig
 from router_runtime.dtypes import bf16_bits
 from router_runtime.experts import COMPLEXITY_BIAS, COMPLEXITY_WEIGHT, seeded_state
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not inst
 
 @pytest.fixture(autouse=True)
 def torch_gate_logits(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
-    """The comparisons below are of what follows the gate: both routers get torch's logits, bit for bit.
+    """The comparisons below are of what follows the gate: both routers get torch's (MKL's) logits, bit for bit.
 
     The fused router's own gate kernel rounds differently in the last bit (``test_the_gate_kernel_*``), which
     could break a near-tie differently; that is tested apart from the decisions.
@@ -33,6 +34,7 @@ def torch_gate_logits(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRe
         out[start:stop] = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w)).numpy()[start:stop]
 
     monkeypatch.setattr(kernels, "gate_rows", torch_rows)
+    monkeypatch.setattr(router_module, "onednn_linear", lambda: None)  # the torch-kernel router: torch's matmul
 
 
 def config(kernel: str, **fields: Any) -> RouterConfig:
