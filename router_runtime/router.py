@@ -216,8 +216,9 @@ class DynamicRouter(nn.Module):
         MKL's sgemm on AMD CPUs, which get its generic code), split across threads like the rest of the
         routing; else a library matmul (``_matmul_into``: oneDNN's, else MKL's). BF16 tokens are widened
         inside the kernel; other 16-bit tokens (or any, with the library matmul) are widened to float32 a few
-        megabytes at a time, in a scratch buffer that stays in cache, and gated from there. Either way the logits are those of the float32 values, and widening
-        the whole tensor first, which writes and rereads twice its size, measured 1.4-1.7x slower.
+        megabytes at a time, in a scratch buffer that stays in cache, and gated from there. Either way the
+        logits are those of the float32 values; widening the whole tensor first, which writes and rereads
+        twice its size, measured 1.4-1.7x slower.
         """
         n, d = tokens.shape
         widen = tokens.dtype != torch.float32
