@@ -193,10 +193,6 @@ class DynamicRouter(nn.Module):
         torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
         return torch.empty(shape, dtype=torch_dtype, pin_memory=True).numpy()
 
-    def as_tokens(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """``[T, d]`` or ``[B, S, d]`` floating input as a float32 ``[T, d]`` view (copy only if needed)."""
-        return self._token_rows(x).to(torch.float32)
-
     def _token_rows(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``[T, d]`` or ``[B, S, d]`` floating input as ``[T, d]``, in its own dtype."""
         tensor = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
