@@ -402,9 +402,9 @@ def gate_rows_bf16(x, w, start, stop, out):  # type: ignore[no-untyped-def]
         for i in range(rows, 4):  # zero padding, as in ``gate_rows``
             for j in range(d):
                 scratch[i, j] = 0
-        if rows == 4:
-            _gate_block(widened, 0, w, out, t)
-        else:
-            _gate_block(widened, 0, w, block, 0)
-            out[t:stop] = block[:rows]
+        # One call site: each inlined copy of the block costs seconds of compilation.
+        _gate_block(widened, 0, w, block, 0)
+        for i in range(rows):
+            for o in range(w.shape[0]):
+                out[t + i, o] = block[i, o]
         t += 4

@@ -178,6 +178,8 @@ class DynamicRouter(nn.Module):
         if self.fused or not self.on_host:
             # Compile the kernels (or start CUDA) now, seconds once per process, rather than on the first request.
             self.route(torch.zeros(1, d), update_state=False, compute_output=False)
+            if self._gate_rows is not None:  # and the BF16 gate kernel (about 5 s to compile, uncached)
+                self.route(torch.zeros(1, d, dtype=torch.bfloat16), update_state=False, compute_output=False)
         kernel = "fused" if self.fused else "torch"
         log.info("router %r routes on %s (%s kernel)", config.model_name, self.device, kernel)
 
