@@ -96,6 +96,7 @@ def route(
     """Route ``tokens [T, d]`` through the server at ``url``; binary tensor extension by default.
 
     ``datatype`` (FP32, FP16 or BF16) is what the tokens are sent as: 16 bits halve the bytes on the wire.
+    Tokens already in it (float16, or BF16 patterns as uint16) go as they are (``protocol.encode_request``).
     """
     body, headers = encode_request(tokens, binary=binary, datatype=datatype)
     headers.update(_auth_headers(api_key))

@@ -406,16 +406,29 @@ def encode_request(
     datatype: str = "FP32",
 ) -> tuple[bytes, dict[str, str]]:
     """Client side: body and headers of an infer request for ``tokens [T, d]`` (or ``[B, S, d]``), sent as
-    ``datatype`` (FP32, FP16 or BF16; the values are rounded to it)."""
+    ``datatype`` (FP32, FP16 or BF16; the values are rounded to it).
+
+    Tokens already held in the datatype go as they are: a float16 array as FP16, and a uint16 array of BF16
+    patterns as BF16 (from torch: ``t.view(torch.int16).numpy().view(numpy.uint16)``).
+    """
     if datatype not in INPUT_DATATYPES:
         raise ValueError(f"datatype must be one of {', '.join(INPUT_DATATYPES)}, got {datatype!r}")
-    values = np.ascontiguousarray(tokens, dtype="<f4")
-    tensor: dict[str, Any] = {"name": INPUT_NAME, "shape": list(values.shape), "datatype": datatype}
-    try:
-        # JSON numbers are sent as they are and rounded by the server; binary bytes are the datatype's own.
-        array = values if not binary else _as_datatype(values, datatype)
-    except ProtocolError as exc:
-        raise ValueError(exc.message) from None
+    held = np.asarray(tokens)
+    if held.dtype == BF16_BITS and datatype != "BF16":
+        raise ValueError("a uint16 array is taken for BF16 patterns: send it with datatype='BF16'")
+    storage = INPUT_DATATYPES[datatype]
+    if held.dtype == storage and datatype != "FP32":
+        array = np.ascontiguousarray(held)  # the datatype's own bytes already
+        if not binary:  # JSON carries the values
+            array = array.astype(np.float32) if datatype == "FP16" else (array.astype(np.uint32) << 16).view("<f4")
+    else:
+        values = np.ascontiguousarray(held, dtype="<f4")
+        try:
+            # JSON numbers are sent as they are and rounded by the server; binary bytes are the datatype's own.
+            array = values if not binary else _as_datatype(values, datatype)
+        except ProtocolError as exc:
+            raise ValueError(exc.message) from None
+    tensor: dict[str, Any] = {"name": INPUT_NAME, "shape": list(array.shape), "datatype": datatype}
     want_binary = binary if binary_outputs is None else binary_outputs
     document: dict[str, Any] = {"inputs": [tensor]}
     if request_id is not None:

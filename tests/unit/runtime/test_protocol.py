@@ -252,3 +252,16 @@ def test_nan_in_a_16_bit_tensor_is_refused(datatype: str) -> None:
 def test_the_client_names_a_datatype_it_cannot_send() -> None:
     with pytest.raises(ValueError, match="datatype must be one of FP32, FP16, BF16, got 'FP64'"):
         encode_request(np.zeros((1, 4), np.float32), binary=True, datatype="FP64")
+
+
+def test_tokens_already_in_16_bits_are_sent_as_they_are() -> None:
+    x = np.random.default_rng(4).standard_normal((3, 4), dtype=np.float32)
+    half, bits = x.astype(np.float16), bf16_bits(x)
+    assert encode_request(half, binary=True, datatype="FP16") == encode_request(x, binary=True, datatype="FP16")
+    assert encode_request(bits, binary=True, datatype="BF16") == encode_request(x, binary=True, datatype="BF16")
+    assert np.array_equal(decode(*binary_body(x, "BF16")).tokens, bits)
+    for datatype, held in (("FP16", half), ("BF16", bits)):  # JSON carries their values
+        body, _ = encode_request(held, binary=False, datatype=datatype)
+        assert np.array_equal(decode(body).tokens, decode(*binary_body(x, datatype)).tokens)
+    with pytest.raises(ValueError, match="uint16 array is taken for BF16 patterns"):
+        encode_request(bits, binary=True, datatype="FP32")
