@@ -25,8 +25,10 @@ reactive scaling (which could equally buy that capacity with a lower target), cr
 a confidence bound (shape models) or a better score on its own past against the HPA as it runs,
 tolerance included (the burst reserve, the one pre-specified fallback), confirmed on older history,
 and kept while it is not confidently worse (hysteresis: a floor switched on and off by noise costs
-more than either). A series where no model does better gets no forecast floor (``REACTIVE``): the
-forecaster knows when not to trust itself.
+more than either). Beyond the backtest's span, each model's long-run record (``ModelRecord``) must not
+say it is worse than reactive either: rare large bursts leave the span, not the record. A series where
+no model does better gets no forecast floor (``REACTIVE``): the forecaster knows when not to trust
+itself.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 
@@ -89,6 +91,13 @@ MIN_BACKTEST_ORIGINS = 30
 TRUST_CONFIDENCE = 0.9
 BURST_FALLBACK = BURST_RESERVE
 INCUMBENT_RULE = "lower"
+#: Each model's record over every origin it was ever backtested on (``ModelRecord``) weighs evidence by
+#: age with this half-life: far longer than the backtest span, so bursts that come once a week or two
+#: stay in view. (14 days, 30 days and no fading gave the same benchmark figures.)
+RECORD_HALF_LIFE_SECONDS = 30 * DAY_SECONDS
+#: A model whose floor is in force loses it by its record only when that record is worse than reactive
+#: by more than the HPA's own tolerance; a new model needs a record better than reactive.
+RECORD_KEEP_SCORE = 1.0 + HPA_TOLERANCE
 
 
 @lru_cache(maxsize=256)
@@ -174,6 +183,49 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class ModelRecord:
+    """A model's long-run record: its shortfalls over every origin it was ever backtested on.
+
+    A backtest sees ``BACKTEST_SPAN_SECONDS`` of history. On heavy-tailed traffic the bursts that decide
+    the comparison (sustained ones at tens of times the level, where the HPA's proportional headroom
+    serves more than a floor does) come every week or two: a span without one makes a floor look
+    better than it is, and the floor then spends, every day, capacity that a lower HPA target would
+    have put into exactly such a burst. Each origin's cross-validated shortfall is added once, when a
+    backtest first scores it, with the shortfall of reactive scaling at equal cost beside it; older
+    evidence fades with ``RECORD_HALF_LIFE_SECONDS``. Pure data: the caller keeps it between backtests.
+    """
+
+    model_short: float = 0.0
+    reactive_short: float = 0.0
+    #: Time (seconds, the caller's clock) of the newest origin counted.
+    through: float = -math.inf
+    #: Time of the oldest origin counted: evidence older than the current span exists once this is
+    #: before the span's first origin.
+    since: float = math.inf
+
+    @property
+    def score(self) -> float:
+        return self.model_short / self.reactive_short if self.reactive_short > 0 else math.inf
+
+    def updated(self, times: FloatArray, model_gap: FloatArray, reactive_gap: FloatArray) -> ModelRecord:
+        """The record with the origins newer than ``through`` added, weighed by age at the newest."""
+        if times.size == 0:
+            return self
+        newest = float(times[-1])
+        new = times > self.through
+        if not np.any(new):
+            return self
+        weights = np.exp2(-(newest - times[new]) / RECORD_HALF_LIFE_SECONDS)
+        fade = math.exp2(-(newest - self.through) / RECORD_HALF_LIFE_SECONDS) if math.isfinite(self.through) else 1.0
+        return ModelRecord(
+            self.model_short * fade + float(np.dot(weights, model_gap[new])),
+            self.reactive_short * fade + float(np.dot(weights, reactive_gap[new])),
+            newest,
+            min(self.since, float(times[new][0])),
+        )
+
+
+@dataclass(frozen=True)
 class ModelChoice:
     """The outcome of a backtest: which model, its quantile scale, its periods and its error."""
 
@@ -185,6 +237,11 @@ class ModelChoice:
     origins: int
     #: A model that passed the backtest now but not on the history of CONFIRMATION_SECONDS ago.
     pending: str | None = None
+    #: Each scored model's long-run record, by name (the caller passes them to the next backtest).
+    records: tuple[tuple[str, ModelRecord], ...] = ()
+
+    def record(self, model: str) -> ModelRecord | None:
+        return dict(self.records).get(model)
 
     @property
     def uses_floor(self) -> bool:
@@ -339,6 +396,8 @@ def select_model(
     reactive_hold_seconds: float = REACTIVE_HOLD_SECONDS,
     floor_hold_seconds: float = FLOOR_HOLD_SECONDS,
     incumbent: str | None = None,
+    records: tuple[tuple[str, ModelRecord], ...] = (),
+    end_seconds: float | None = None,
 ) -> ModelChoice:
     """Pick the forecaster for this series (``backtest_model``), confirmed on older history.
 
@@ -353,7 +412,8 @@ def select_model(
     """
     y = fill_gaps(values)
     choice = backtest_model(
-        y, grid, seasonality, quantile, reactive_hold_seconds, floor_hold_seconds, incumbent=incumbent
+        y, grid, seasonality, quantile, reactive_hold_seconds, floor_hold_seconds, incumbent=incumbent,
+        records=records, end_seconds=end_seconds,
     )
     if not choice.uses_floor or choice.model == incumbent:
         return choice
@@ -363,7 +423,9 @@ def select_model(
     ).uses_floor
     if confirmed:
         return choice
-    return ModelChoice(REACTIVE, 1.0, 0, choice.baseline_error, choice.baseline_error, choice.origins, choice.model)
+    return ModelChoice(
+        REACTIVE, 1.0, 0, choice.baseline_error, choice.baseline_error, choice.origins, choice.model, choice.records
+    )
 
 
 def incumbent_model(previous: ModelChoice | None) -> str | None:
@@ -389,6 +451,8 @@ def backtest_model(
     reactive_hold_seconds: float = REACTIVE_HOLD_SECONDS,
     floor_hold_seconds: float = FLOOR_HOLD_SECONDS,
     incumbent: str | None = None,
+    records: tuple[tuple[str, ModelRecord], ...] = (),
+    end_seconds: float | None = None,
 ) -> ModelChoice:
     """Pick the forecaster for this series by rolling-origin backtest (see the module docstring).
 
@@ -404,6 +468,13 @@ def backtest_model(
     admits (a shape model must also be confidently better than the burst reserve when that is
     trusted), the lowest score wins; otherwise ``REACTIVE``. Raises ForecastError when the series is
     shorter than ``grid.min_history``.
+
+    With ``end_seconds`` (the time at which ``values`` ends, on a clock the caller keeps consistent
+    from call to call) each scored model's per-origin shortfalls are added to its record in
+    ``records`` (``ModelRecord``; the updated records come back in the choice). Once a record holds
+    evidence older than this backtest's span, the model is trusted only while its record is better
+    than reactive too (the model whose floor is in force: not worse than reactive by more than the
+    HPA's tolerance, ``RECORD_KEEP_SCORE``).
     """
     if not 0.5 <= quantile < 1.0:
         raise ForecastError(f"quantile must be in [0.5, 1), got {quantile}")
@@ -429,6 +500,7 @@ def backtest_model(
     baseline_error = pinball_loss(actual, baseline_factor * reactive, quantile) / scale
     best = ModelChoice(REACTIVE, 1.0, 0, baseline_error, baseline_error, base_origins.size)
     best_score = math.inf
+    known = dict(records)
     # The fallback first: a shape model is worth its extra assumptions only when it is confidently
     # better than the fallback too (its upper bound below the fallback's score).
     fallback_score = math.inf
@@ -445,10 +517,19 @@ def backtest_model(
             continue
         point = point_forecast(model, y, origins, grid, periods)
         baseline = reactive_hpa if model == BURST_FALLBACK else reactive
-        model_short, reactive_short = cross_validated_shortfalls(
+        model_gap, reactive_gap = cross_validated_gaps(
             point, actual[keep], ready_peak[keep], baseline[keep], quantile, floor_hold, folds
         )
+        model_short, reactive_short = fold_sums(model_gap, folds), fold_sums(reactive_gap, folds)
         score, upper = score_with_bound(model_short, reactive_short, trust_t(folds, len(candidates)))
+        if end_seconds is not None:
+            times = end_seconds - (y.size - origins).astype(np.float64) * grid.step_seconds
+            record = (known.get(model) or ModelRecord()).updated(times, model_gap, reactive_gap)
+            known[model] = record
+            # The record extends the backtest with what its span no longer shows (rare large bursts);
+            # within the span the rules below decide alone.
+            if record.since < times[0] and not record.score < (RECORD_KEEP_SCORE if model == incumbent else 1.0):
+                continue
         if not trusted(model, score, upper, incumbent):
             continue
         if model == BURST_FALLBACK:
@@ -462,7 +543,7 @@ def backtest_model(
             error = pinball_loss(actual[keep], provided, quantile) / scale
             reference = pinball_loss(actual[keep], baseline_factor * reactive[keep], quantile) / scale
             best = ModelChoice(model, factor, periods, error, reference, int(origins.size))
-    return best
+    return replace(best, records=tuple(sorted(known.items())))
 
 
 def hpa_hold(rates: FloatArray, hold: int, tolerance: float = HPA_TOLERANCE) -> FloatArray:
@@ -510,11 +591,11 @@ def trusted(model: str, score: float, upper: float, incumbent: str | None) -> bo
     return False
 
 
-def cross_validated_shortfalls(
+def cross_validated_gaps(
     point: FloatArray, actual: FloatArray, ready_peak: FloatArray, reactive: FloatArray, quantile: float,
     floor_hold: int, folds: int = BACKTEST_FOLDS,
 ) -> tuple[FloatArray, FloatArray]:
-    """Per fold: demand the floor leaves uncovered, and what reactive scaling spending as much leaves.
+    """Per origin: demand the floor leaves uncovered, and what reactive scaling spending as much leaves.
 
     The origins are cut into consecutive folds; each fold is scored with the quantile factor fitted
     on the other folds, so the result says how the model does on data its calibration has not seen.
@@ -530,11 +611,22 @@ def cross_validated_shortfalls(
     # Reactive scaling spends the same capacity over the whole span (one lower HPA target, as a user
     # would buy it), not fold by fold: a floor that is costly in quiet folds pays for it here.
     equal_cost = float(np.sum(provided)) / max(float(np.sum(reactive)), 1e-12) * reactive
-    model_gap = np.maximum(ready_peak - provided, 0.0)
-    reactive_gap = np.maximum(ready_peak - equal_cost, 0.0)
-    model_short = np.add.reduceat(model_gap, bounds[:-1]) if point.size else np.zeros(folds)
-    reactive_short = np.add.reduceat(reactive_gap, bounds[:-1]) if point.size else np.zeros(folds)
-    return model_short, reactive_short
+    return np.maximum(ready_peak - provided, 0.0), np.maximum(ready_peak - equal_cost, 0.0)
+
+
+def fold_sums(gaps: FloatArray, folds: int) -> FloatArray:
+    """Per-origin shortfalls summed over ``folds`` consecutive folds (``cross_validated_gaps``' cut)."""
+    bounds = np.linspace(0, gaps.size, folds + 1).astype(np.int64)
+    return np.add.reduceat(gaps, bounds[:-1]) if gaps.size else np.zeros(folds)
+
+
+def cross_validated_shortfalls(
+    point: FloatArray, actual: FloatArray, ready_peak: FloatArray, reactive: FloatArray, quantile: float,
+    floor_hold: int, folds: int = BACKTEST_FOLDS,
+) -> tuple[FloatArray, FloatArray]:
+    """Per fold: demand the floor leaves uncovered, and what reactive scaling spending as much leaves."""
+    model_gap, reactive_gap = cross_validated_gaps(point, actual, ready_peak, reactive, quantile, floor_hold, folds)
+    return fold_sums(model_gap, folds), fold_sums(reactive_gap, folds)
 
 
 def score_with_bound(model_short: FloatArray, reactive_short: FloatArray, t_quantile: float) -> tuple[float, float]:

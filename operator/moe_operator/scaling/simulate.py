@@ -187,7 +187,7 @@ def forecast_schedule(trace: Trace, config: SimulationConfig) -> ForecastSchedul
         block = slice(block_start, _next_refit(ticks, samples, block_start))
         block_start = block.stop
         first = int(origins[block.start])
-        choice = _choose(history[max(0, first - lookback) : first], grid, config, choice)
+        choice = _choose(history[max(0, first - lookback) : first], grid, config, choice, first * config.step_seconds)
         block_origins = origins[block]
         # As the controller reports it: below ``scorable_history`` no model could be scored yet.
         models.extend(
@@ -214,14 +214,15 @@ def _next_refit(ticks: FloatArray, samples: IntArray, fitted: int) -> int:
 
 
 def _choose(
-    window: FloatArray, grid: Grid, config: SimulationConfig, previous: ModelChoice | None
+    window: FloatArray, grid: Grid, config: SimulationConfig, previous: ModelChoice | None, end_seconds: float
 ) -> ModelChoice | None:
     if window.size < grid.min_history or not np.isfinite(window).any():
         return None
     try:
         return select_model(
             window, grid, config.seasonality, config.quantile, floor_hold_seconds=config.stabilization_seconds,
-            incumbent=incumbent_model(previous),
+            incumbent=incumbent_model(previous), records=previous.records if previous is not None else (),
+            end_seconds=end_seconds,
         )
     except ForecastError:
         return None
