@@ -227,12 +227,11 @@ def _current_choice(
     )
     if fresh and state.choice is not None:
         return state.choice
-    same = state.choice is not None and state.choice_key == key
-    incumbent = incumbent_model(state.choice) if same else None
-    # Each model's long-run record goes on from choice to choice; the history ends now.
-    records = state.choice.records if same and state.choice is not None else ()
+    previous = state.choice if state.choice_key == key else None
+    # The floor in force and each model's long-run record go on from choice to choice; the history ends now.
     choice = select_model(
-        history, grid, seasonality, floor_hold_seconds=hold, incumbent=incumbent, records=records, end_seconds=now
+        history, grid, seasonality, floor_hold_seconds=hold, incumbent=incumbent_model(previous),
+        records=previous.records if previous is not None else (), end_seconds=now,
     )
     state.choice, state.choice_at, state.choice_key = choice, now, key
     state.choice_samples = history.size
