@@ -371,10 +371,15 @@ def candidate_models(seasonality: Seasonality) -> tuple[str, ...]:
     return MODELS
 
 
+def backtest_span(grid: Grid) -> int:
+    """Samples of history a backtest replays (``BACKTEST_SPAN_SECONDS``)."""
+    return math.ceil(BACKTEST_SPAN_SECONDS / grid.step_seconds)
+
+
 def backtest_origins(n: int, grid: Grid, earliest: int) -> IntArray:
     """Rolling origins over the recent part of ``n`` samples whose outcome is known."""
     last = n - grid.horizon
-    first = max(earliest, last - math.ceil(BACKTEST_SPAN_SECONDS / grid.step_seconds))
+    first = max(earliest, last - backtest_span(grid))
     if last < first:
         return np.zeros(0, dtype=np.int64)
     return np.arange(first, last + 1, dtype=np.int64)
@@ -409,8 +414,18 @@ def select_model(
     model needs the confidence bound below 1; the incumbent keeps its trust while its score stays
     below 1, so a floor is not switched off and on by the noise of the bound (a floor that comes and
     goes with the last few days' luck is on after the bursts it would have caught, off before the next).
+
+    ``records`` and ``end_seconds``: see ``backtest_model``. Without records (the first choice, or the
+    first after an operator restart) a history longer than the backtest span has its older part
+    backtested first, so the records start with the evidence the span no longer shows.
     """
     y = fill_gaps(values)
+    older = y.size - backtest_span(grid)
+    if not records and end_seconds is not None and older >= grid.min_history:
+        records = backtest_model(
+            y[:older], grid, seasonality, quantile, reactive_hold_seconds, floor_hold_seconds,
+            end_seconds=end_seconds - (y.size - older) * grid.step_seconds,
+        ).records
     choice = backtest_model(
         y, grid, seasonality, quantile, reactive_hold_seconds, floor_hold_seconds, incumbent=incumbent,
         records=records, end_seconds=end_seconds,

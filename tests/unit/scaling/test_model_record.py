@@ -18,6 +18,7 @@ from moe_operator.scaling.forecast import (
     ModelChoice,
     ModelRecord,
     backtest_model,
+    backtest_span,
     select_model,
 )
 from moe_operator.scaling.policy import HPA_TOLERANCE
@@ -154,3 +155,32 @@ def test_the_controller_carries_the_records_from_refit_to_refit_and_restarts_the
     fresh = _current_choice(state, longer, other, "auto", 600.0, END + 7 * 3600.0)
     restarted = fresh.record(BURST_RESERVE)
     assert restarted is not None and restarted.since > record.since
+
+
+def restart_history() -> tuple[Grid, np.ndarray, int]:
+    """Sustained, growing bursts (where a floor on the level loses) followed by a backtest span of short
+    regular bursts (where it wins): what an operator restarted today reads back from Prometheus."""
+    grid = Grid.of(300.0, 900.0, lead_seconds=600.0)
+    span = backtest_span(grid)
+    older = np.full(800, 10.0) + np.random.default_rng(1).normal(0.0, 1.0, 800)
+    for start in range(50, 760, 150):
+        older[start : start + 24] = np.linspace(50.0, 2000.0, 24)
+    recent = np.tile([10.0, 10.0, 10.0, 10.0, 40.0], (span + 200) // 5)
+    return grid, np.concatenate([older, recent]), span
+
+
+def test_without_records_the_history_beyond_the_span_is_backtested_first() -> None:
+    grid, y, span = restart_history()
+    older = backtest_model(y[: y.size - span], grid, end_seconds=END - span * grid.step_seconds)
+    seed = older.record(BURST_RESERVE)
+    assert seed is not None and seed.score > RECORD_KEEP_SCORE
+    # The span alone trusts the reserve; with the older evidence read back, it is refused.
+    assert backtest_model(y, grid, end_seconds=END).model == BURST_RESERVE
+    choice = select_model(y, grid, end_seconds=END)
+    assert choice.model == REACTIVE
+    record = choice.record(BURST_RESERVE)
+    assert record is not None and record.since == seed.since
+    assert record == backtest_model(y, grid, records=older.records, end_seconds=END).record(BURST_RESERVE)
+    # Records carried from an earlier choice are used as they are (no second reading of the past).
+    carried = select_model(y, grid, records=choice.records, end_seconds=END)
+    assert carried.record(BURST_RESERVE) == record
