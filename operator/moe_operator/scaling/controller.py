@@ -18,6 +18,7 @@ import numpy as np
 
 from moe_operator.api import MoERouterSpec, PredictionStatus
 from moe_operator.scaling.forecast import (
+    BACKTEST_SPAN_SECONDS,
     CONFIRMATION_SECONDS,
     ForecastError,
     Grid,
@@ -186,21 +187,7 @@ async def run_tick(
     metrics.backtest_error.labels(*labels).set(choice.error)
     if active:
         metrics.applied_min_replicas.labels(*labels).set(applied)
-    if choice.uses_floor:
-        message = (
-            f"{choice.model}: peak {predicted:.4g} requests/s within {horizon} s -> {recommendation} replicas "
-            f"(backtest error {choice.error:.3f}, reactive {choice.baseline_error:.3f})"
-        )
-    elif choice.pending is not None:
-        message = (
-            f"{choice.pending} beat reactive scaling in this backtest but not in the one "
-            f"{CONFIRMATION_SECONDS // 3600} h ago: no floor until it is confirmed"
-        )
-    else:
-        message = (
-            f"no forecaster beat reactive scaling in the backtest (error {choice.error:.3f}): "
-            "no floor above minReplicas"
-        )
+    message = forecast_message(choice, predicted, horizon, recommendation)
     if pred.mode == "Active" and not active:
         message += "; autoscaling.enabled is false, so there is no HPA to hold the floor on"
     if not choice.uses_floor and history.size < grid.scorable_history:
@@ -208,6 +195,31 @@ async def run_tick(
         message = _too_young(history.size, grid, pred.step_seconds)
         return TickResult(prediction, "False", INSUFFICIENT_HISTORY, message, applied if active else None)
     return TickResult(prediction, "True", FORECASTING, message, applied if active else None)
+
+
+def forecast_message(choice: ModelChoice, predicted: float, horizon: int, recommendation: int) -> str:
+    """The ``PredictionReady`` message of a tick that forecast: the floor, or why there is none."""
+    if choice.uses_floor:
+        return (
+            f"{choice.model}: peak {predicted:.4g} requests/s within {horizon} s -> {recommendation} replicas "
+            f"(backtest error {choice.error:.3f}, reactive {choice.baseline_error:.3f})"
+        )
+    if choice.pending is not None:
+        return (
+            f"{choice.pending} beat reactive scaling in this backtest but not in the one "
+            f"{CONFIRMATION_SECONDS // 3600} h ago: no floor until it is confirmed"
+        )
+    refused = choice.record(choice.refused) if choice.refused is not None else None
+    if refused is not None:
+        return (
+            f"{choice.refused} beat reactive scaling in the last {BACKTEST_SPAN_SECONDS // 86400:.0f} days but not "
+            f"over its long-run record ({refused.score:.2f}x reactive's shortfall at equal cost): "
+            "no floor above minReplicas"
+        )
+    return (
+        f"no forecaster beat reactive scaling in the backtest (error {choice.error:.3f}): "
+        "no floor above minReplicas"
+    )
 
 
 def _too_young(samples: int, grid: Grid, step_seconds: float) -> str:

@@ -239,6 +239,8 @@ class ModelChoice:
     pending: str | None = None
     #: Each scored model's long-run record, by name (the caller passes them to the next backtest).
     records: tuple[tuple[str, ModelRecord], ...] = ()
+    #: With no floor: a model the backtest's span trusted but its long-run record refused.
+    refused: str | None = None
 
     def record(self, model: str) -> ModelRecord | None:
         return dict(self.records).get(model)
@@ -516,6 +518,7 @@ def backtest_model(
     best = ModelChoice(REACTIVE, 1.0, 0, baseline_error, baseline_error, base_origins.size)
     best_score = math.inf
     known = dict(records)
+    refused: str | None = None
     # The fallback first: a shape model is worth its extra assumptions only when it is confidently
     # better than the fallback too (its upper bound below the fallback's score).
     fallback_score = math.inf
@@ -537,15 +540,19 @@ def backtest_model(
         )
         model_short, reactive_short = fold_sums(model_gap, folds), fold_sums(reactive_gap, folds)
         score, upper = score_with_bound(model_short, reactive_short, trust_t(folds, len(candidates)))
+        record_refuses = False
         if end_seconds is not None:
             times = end_seconds - (y.size - origins).astype(np.float64) * grid.step_seconds
             record = (known.get(model) or ModelRecord()).updated(times, model_gap, reactive_gap)
             known[model] = record
             # The record extends the backtest with what its span no longer shows (rare large bursts);
             # within the span the rules below decide alone.
-            if record.since < times[0] and not record.score < (RECORD_KEEP_SCORE if model == incumbent else 1.0):
-                continue
+            limit = RECORD_KEEP_SCORE if model == incumbent else 1.0
+            record_refuses = record.since < times[0] and not record.score < limit
         if not trusted(model, score, upper, incumbent):
+            continue
+        if record_refuses:
+            refused = refused or model
             continue
         if model == BURST_FALLBACK:
             fallback_score = score
@@ -558,7 +565,7 @@ def backtest_model(
             error = pinball_loss(actual[keep], provided, quantile) / scale
             reference = pinball_loss(actual[keep], baseline_factor * reactive[keep], quantile) / scale
             best = ModelChoice(model, factor, periods, error, reference, int(origins.size))
-    return replace(best, records=tuple(sorted(known.items())))
+    return replace(best, records=tuple(sorted(known.items())), refused=None if best.uses_floor else refused)
 
 
 def hpa_hold(rates: FloatArray, hold: int, tolerance: float = HPA_TOLERANCE) -> FloatArray:

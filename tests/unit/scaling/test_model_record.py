@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moe_operator.scaling import simulate as simulate_module
-from moe_operator.scaling.controller import PredictiveState, _current_choice
+from moe_operator.scaling.controller import PredictiveState, _current_choice, forecast_message
 from moe_operator.scaling.forecast import (
     BURST_RESERVE,
     REACTIVE,
@@ -184,3 +184,17 @@ def test_without_records_the_history_beyond_the_span_is_backtested_first() -> No
     # Records carried from an earlier choice are used as they are (no second reading of the past).
     carried = select_model(y, grid, records=choice.records, end_seconds=END)
     assert carried.record(BURST_RESERVE) == record
+
+
+def test_a_model_refused_by_its_record_is_named_and_the_status_says_why() -> None:
+    choice = backtest_model(BURSTS, GRID, records=((BURST_RESERVE, older_record(1.5)),), end_seconds=END)
+    assert (choice.model, choice.refused) == (REACTIVE, BURST_RESERVE)
+    message = forecast_message(choice, 0.0, 420, 1)
+    assert message.startswith("burst-reserve beat reactive scaling in the last 4 days but not over its long-run record")
+    assert "(1.50x reactive's shortfall at equal cost)" in message
+    # A floor, or no record to blame: the messages as before.
+    trusted = backtest_model(BURSTS, GRID, records=((BURST_RESERVE, older_record(0.8)),), end_seconds=END)
+    assert trusted.refused is None and forecast_message(trusted, 40.0, 420, 3).startswith("burst-reserve: peak 40")
+    quiet = backtest_model(np.full(400, 10.0), GRID, end_seconds=END)
+    assert quiet.refused is None
+    assert forecast_message(quiet, 10.0, 420, 1).startswith("no forecaster beat reactive scaling in the backtest")
