@@ -323,6 +323,29 @@ def print_tables(all_rows: list[Comparison], infos: list[dict[str, object]]) -> 
         verdict = "never worse than reactive" if worst <= 1.0 + 1e-9 else "WORSE than reactive"
         print(f"\nworst ratio over {label}: {worst:.3f} ({row.trace}, {row.delay:.0f}s, U={row.target}, {window}, "
               f"{excess:+.1e} of demand): {verdict}")
+    print_outside(all_rows, infos)
+
+
+def print_outside(all_rows: list[Comparison], infos: list[dict[str, object]]) -> None:
+    """The runs no ratio covers: predictive replica-hours beyond every reactive target swept."""
+    curves = {(info["trace"], info["delay"]): info["reactive_curve"] for info in infos}
+    costlier: list[tuple[float, Comparison]] = []
+    cheaper = 0
+    for row in all_rows:
+        if row.reactive_unserved is not None:
+            continue
+        costs = [point[0] for point in curves[(row.trace, row.delay)]]  # type: ignore[attr-defined]
+        if row.replica_hours > max(costs):
+            costlier.append((row.replica_hours / max(costs), row))
+        else:
+            cheaper += 1
+    if not costlier:
+        print(f"\nruns outside the reactive curve: {cheaper}, all cheaper than its cheapest target (U=0.9)"
+              if cheaper else "\nruns outside the reactive curve: none")
+        return
+    factor, row = max(costlier, key=lambda item: item[0])
+    print(f"\nruns costlier than the reactive HPA at every target down to U={min(EXTRA_REACTIVE_TARGETS)}: "
+          f"{len(costlier)}, at most {factor:.2f}x its replica-hours ({row.trace}, {row.delay:.0f}s, U={row.target})")
 
 
 def print_tick_cost(trace: Trace, days: float = 14.0) -> None:

@@ -98,6 +98,13 @@ RECORD_HALF_LIFE_SECONDS = 30 * DAY_SECONDS
 #: A model whose floor is in force loses it by its record only when that record is worse than reactive
 #: by more than the HPA's own tolerance; a new model needs a record better than reactive.
 RECORD_KEEP_SCORE = 1.0 + HPA_TOLERANCE
+#: No floor forecast exceeds the highest rate of the history it is made from by more than the HPA's
+#: tolerance. A quantile factor fitted on calm origins multiplies a point forecast that holds a spike
+#: (a recent peak, a seasonal echo of one) into a floor far above anything ever seen (measured: 20x
+#: the trace's highest rate, for hours); growth beyond the cap is the reactive HPA's, as is any
+#: surprise above the floor. A guard on the forecast only: the backtest judges each model uncapped
+#: (capped there too, a floor looks cheaper than it runs, and gets trusted where it loses).
+PEAK_CAP = 1.0 + HPA_TOLERANCE
 
 
 @lru_cache(maxsize=256)
@@ -395,6 +402,15 @@ def rolling_max(values: FloatArray, width: int) -> FloatArray:
     return np.asarray(np.lib.stride_tricks.sliding_window_view(padded, width).max(axis=1), dtype=np.float64)
 
 
+def history_cap(y: FloatArray, origins: IntArray, samples: int | None = None) -> FloatArray:
+    """``PEAK_CAP`` times the highest rate known at each origin (of the last ``samples``, else all of ``y[:o]``)."""
+    at = np.asarray(origins, dtype=np.int64) - 1
+    if at.size and int(at.min()) < 0:
+        raise ForecastError("a forecast needs at least one sample of history")
+    highest = np.maximum.accumulate(y) if samples is None else rolling_max(y, samples)
+    return np.asarray(PEAK_CAP * highest[at], dtype=np.float64)
+
+
 def select_model(
     values: Sequence[float] | FloatArray,
     grid: Grid,
@@ -681,15 +697,18 @@ def _periods_available(model: str, grid: Grid, n: int) -> int:
 
 
 def forecast_peak(
-    values: Sequence[float] | FloatArray, grid: Grid, choice: ModelChoice, origins: IntArray | None = None
+    values: Sequence[float] | FloatArray, grid: Grid, choice: ModelChoice, origins: IntArray | None = None,
+    history_samples: int | None = None,
 ) -> FloatArray:
     """Upper-quantile forecast of the peak rate over the horizon at each origin (default: the end).
 
     With the ``REACTIVE`` choice the forecast is the last known rate (no floor above what reactive
-    scaling gives).
+    scaling gives). A floor forecast is capped at ``PEAK_CAP`` times the highest rate of the history
+    (of the last ``history_samples`` before each origin when given: the lookback the controller fetches).
     """
     y = fill_gaps(values)
     at = np.asarray([y.size] if origins is None else origins, dtype=np.int64)
     if not choice.uses_floor:
         return persistence(y, at)
-    return choice.factor * point_forecast(choice.model, y, at, grid, choice.periods)
+    forecast = choice.factor * point_forecast(choice.model, y, at, grid, choice.periods)
+    return np.asarray(np.minimum(forecast, history_cap(y, at, history_samples)), dtype=np.float64)

@@ -199,7 +199,7 @@ def forecast_schedule(trace: Trace, config: SimulationConfig) -> ForecastSchedul
             continue
         low = max(0, int(block_origins.min()) - lookback)
         window = history[low : int(block_origins.max())]
-        predicted[block] = forecast_peak(window, grid, choice, block_origins - low)
+        predicted[block] = forecast_peak(window, grid, choice, block_origins - low, lookback)
         uses_floor[block] = choice.uses_floor
     error, coverage = _forecast_quality(history, origins, predicted, uses_floor, grid)
     return ForecastSchedule(ticks, predicted, uses_floor, tuple(models), error, coverage)

@@ -11,6 +11,7 @@ from moe_operator.scaling.forecast import (
     BURST_RESERVE,
     LOCAL_TREND,
     MIN_FOLDS,
+    PEAK_CAP,
     REACTIVE,
     RECENT_PEAK,
     SEASONAL_DAILY,
@@ -22,6 +23,7 @@ from moe_operator.scaling.forecast import (
     fill_gaps,
     forecast_peak,
     future_peak,
+    history_cap,
     hpa_hold,
     pinball_loss,
     point_forecast,
@@ -171,6 +173,26 @@ def test_the_forecast_rises_before_the_morning_jump_arrives() -> None:
     forecast = forecast_peak(y[:before], GRID, choice)[0]
     assert y[before - 1] < 120.0  # what reactive scaling sees: still night traffic
     assert forecast >= 0.95 * 300.0
+
+
+def test_a_floor_forecast_is_capped_just_above_the_highest_rate_of_its_history() -> None:
+    # A factor fitted on calm origins times a point forecast that holds a spike would ask for
+    # 50x anything ever seen; the floor stops at PEAK_CAP x the history's highest rate.
+    y = np.full(200, 10.0)
+    y[-5] = 1000.0
+    choice = ModelChoice(RECENT_PEAK, 50.0, 1, 0.0, 0.0, 100)
+    assert forecast_peak(y, GRID, choice)[0] == pytest.approx(PEAK_CAP * 1000.0)
+    # With the lookback the controller fetches, only that part of the history counts.
+    y[-5], y[10] = 10.0, 1000.0
+    choice = ModelChoice(BURST_RESERVE, 3.0, 1, 0.0, 0.0, 100)
+    assert forecast_peak(y, GRID, choice)[0] == pytest.approx(30.0)  # uncapped: below 1.1 x 1000
+    assert forecast_peak(y, GRID, choice, history_samples=50)[0] == pytest.approx(PEAK_CAP * 10.0)
+    assert history_cap(y, np.array([11, 200]), 50).tolist() == pytest.approx([PEAK_CAP * 1000.0, PEAK_CAP * 10.0])
+
+
+def test_history_cap_needs_a_sample_before_the_origin() -> None:
+    with pytest.raises(ForecastError, match="at least one sample"):
+        history_cap(np.ones(5), np.array([0]))
 
 
 def test_reactive_choice_forecasts_the_last_rate() -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from moe_operator.cli import main
-from moe_operator.scaling.forecast import BURST_RESERVE, MODELS
+from moe_operator.scaling import forecast
+from moe_operator.scaling.forecast import BURST_RESERVE, MODELS, PEAK_CAP
 from moe_operator.scaling.policy import PolicyError
 from moe_operator.scaling.simulate import (
     POLICIES,
@@ -194,3 +196,37 @@ def test_burst_reserve_decisions_never_use_demand_later_than_thirty_seconds_befo
     np.testing.assert_array_equal(before.floor[decided_before], after.floor[decided_before])
     assert not np.array_equal(before.floor, after.floor)
 
+
+
+def spiky_trace(days: float = 8.0, step: float = 300.0) -> Trace:
+    """About 10 requests/s, and in 8% of the 5-minute samples a spike of 200-1000 requests/s."""
+    rng = np.random.default_rng(1)
+    samples = int(days * DAY / step)
+    rates = 10.0 * rng.lognormal(0.0, 0.2, samples)
+    spikes = rng.random(samples) < 0.08
+    rates[spikes] = rng.uniform(200.0, 1000.0, int(spikes.sum()))
+    return from_rate_samples(np.arange(samples) * step, rates)
+
+
+def highest_known(trace: Trace, config: SimulationConfig, origins: np.ndarray) -> np.ndarray:
+    """The highest rate of the lookback before each origin: what the controller's history holds."""
+    history = trace.mean_rates(config.step_seconds)
+    lookback = round(config.lookback_seconds / config.step_seconds)
+    return np.array([history[max(0, o - lookback) : o].max() for o in origins.tolist()])
+
+
+def test_the_floor_never_plans_for_more_than_the_cap_above_anything_in_its_history(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A quantile factor fitted on calm origins times a point forecast that holds a spike: uncapped,
+    # the forecast is several times the highest rate the trace ever had.
+    trace, config = spiky_trace(), SimulationConfig(100.0, 600.0, 0.7, 1, 10_000)
+    origins = tick_origins(np.arange(0.0, trace.duration, config.interval_seconds), config.step_seconds)
+    schedule = forecast_schedule(trace, config)
+    floors = schedule.uses_floor & np.isfinite(schedule.predicted_load)
+    assert floors.mean() > 0.5
+    highest = highest_known(trace, config, origins[floors])
+    assert np.all(schedule.predicted_load[floors] <= PEAK_CAP * highest * (1 + 1e-12))
+    monkeypatch.setattr(forecast, "PEAK_CAP", math.inf)
+    uncapped = forecast_schedule(trace, config)
+    assert np.nanmax(uncapped.predicted_load[floors] / highest) > 2.0
