@@ -311,7 +311,7 @@ def print_tables(all_rows: list[Comparison], infos: list[dict[str, object]]) -> 
     synthetic = tuple(GENERATORS)
     shared = [case for case in cases if case[2].trace not in synthetic]
     for label, selected in (
-        ("every shared trace, delay, target and window", shared),
+        ("every trace file, delay, target and window", shared),
         ("every synthetic trace, delay, target and window", [case for case in cases if case not in shared]),
         (f"all cases where predictive leaves more than {MATERIAL_EXCESS:g} of demand extra unserved",
          [case for case in cases if case[1] > MATERIAL_EXCESS]),

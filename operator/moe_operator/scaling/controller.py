@@ -20,12 +20,14 @@ from moe_operator.api import MoERouterSpec, PredictionStatus
 from moe_operator.scaling.forecast import (
     BACKTEST_SPAN_SECONDS,
     CONFIRMATION_SECONDS,
+    PEAK_CAP,
     ForecastError,
     Grid,
     ModelChoice,
     Seasonality,
     forecast_peak,
     incumbent_model,
+    peak_cap,
     select_model,
 )
 from moe_operator.scaling.metrics import ScalingMetrics, scaling_metrics
@@ -187,7 +189,8 @@ async def run_tick(
     metrics.backtest_error.labels(*labels).set(choice.error)
     if active:
         metrics.applied_min_replicas.labels(*labels).set(applied)
-    message = forecast_message(choice, predicted, horizon, recommendation)
+    capped = choice.uses_floor and predicted >= peak_cap(history)
+    message = forecast_message(choice, predicted, horizon, recommendation, capped)
     if pred.mode == "Active" and not active:
         message += "; autoscaling.enabled is false, so there is no HPA to hold the floor on"
     if not choice.uses_floor and history.size < grid.scorable_history:
@@ -197,11 +200,14 @@ async def run_tick(
     return TickResult(prediction, "True", FORECASTING, message, applied if active else None)
 
 
-def forecast_message(choice: ModelChoice, predicted: float, horizon: int, recommendation: int) -> str:
+def forecast_message(
+    choice: ModelChoice, predicted: float, horizon: int, recommendation: int, capped: bool = False
+) -> str:
     """The ``PredictionReady`` message of a tick that forecast: the floor, or why there is none."""
     if choice.uses_floor:
+        cap = f" (capped at {PEAK_CAP:g}x the lookback's highest rate)" if capped else ""
         return (
-            f"{choice.model}: peak {predicted:.4g} requests/s within {horizon} s -> {recommendation} replicas "
+            f"{choice.model}: peak {predicted:.4g} requests/s{cap} within {horizon} s -> {recommendation} replicas "
             f"(backtest error {choice.error:.3f}, reactive {choice.baseline_error:.3f})"
         )
     if choice.pending is not None:

@@ -411,6 +411,11 @@ def history_cap(y: FloatArray, origins: IntArray, samples: int | None = None) ->
     return np.asarray(PEAK_CAP * highest[at], dtype=np.float64)
 
 
+def peak_cap(values: Sequence[float] | FloatArray) -> float:
+    """The most a floor forecast made from ``values`` may be: ``PEAK_CAP`` times their highest rate."""
+    return float(PEAK_CAP * np.max(fill_gaps(values)))
+
+
 def select_model(
     values: Sequence[float] | FloatArray,
     grid: Grid,

@@ -25,6 +25,7 @@ from moe_operator.scaling.forecast import (
     future_peak,
     history_cap,
     hpa_hold,
+    peak_cap,
     pinball_loss,
     point_forecast,
     quantile_factor,
@@ -188,6 +189,10 @@ def test_a_floor_forecast_is_capped_just_above_the_highest_rate_of_its_history()
     assert forecast_peak(y, GRID, choice)[0] == pytest.approx(30.0)  # uncapped: below 1.1 x 1000
     assert forecast_peak(y, GRID, choice, history_samples=50)[0] == pytest.approx(PEAK_CAP * 10.0)
     assert history_cap(y, np.array([11, 200]), 50).tolist() == pytest.approx([PEAK_CAP * 1000.0, PEAK_CAP * 10.0])
+
+
+def test_peak_cap_is_the_cap_over_the_whole_history_gaps_filled() -> None:
+    assert peak_cap([np.nan, 3.0, np.nan, 8.0, 2.0]) == pytest.approx(PEAK_CAP * 8.0)
 
 
 def test_history_cap_needs_a_sample_before_the_origin() -> None:

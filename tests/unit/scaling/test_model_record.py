@@ -195,6 +195,8 @@ def test_a_model_refused_by_its_record_is_named_and_the_status_says_why() -> Non
     # A floor, or no record to blame: the messages as before.
     trusted = backtest_model(BURSTS, GRID, records=((BURST_RESERVE, older_record(0.8)),), end_seconds=END)
     assert trusted.refused is None and forecast_message(trusted, 40.0, 420, 3).startswith("burst-reserve: peak 40")
+    capped = forecast_message(trusted, 44.0, 420, 3, capped=True)
+    assert capped.startswith("burst-reserve: peak 44 requests/s (capped at 1.1x the lookback's highest rate) within")
     quiet = backtest_model(np.full(400, 10.0), GRID, end_seconds=END)
     assert quiet.refused is None
     assert forecast_message(quiet, 10.0, 420, 1).startswith("no forecaster beat reactive scaling in the backtest")

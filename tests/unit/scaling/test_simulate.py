@@ -205,7 +205,7 @@ def spiky_trace(days: float = 8.0, step: float = 300.0) -> Trace:
     rates = 10.0 * rng.lognormal(0.0, 0.2, samples)
     spikes = rng.random(samples) < 0.08
     rates[spikes] = rng.uniform(200.0, 1000.0, int(spikes.sum()))
-    return from_rate_samples(np.arange(samples) * step, rates)
+    return from_rate_samples(np.arange(samples, dtype=np.float64) * step, rates)
 
 
 def highest_known(trace: Trace, config: SimulationConfig, origins: np.ndarray) -> np.ndarray:
