@@ -114,9 +114,20 @@ def from_rate_samples(timestamps: Sequence[float] | FloatArray, rates: Sequence[
     r = np.asarray(rates, dtype=np.float64)
     order = np.argsort(t, kind="stable")
     t, r = t[order], r[order]
-    if t.size and np.any(np.diff(t) == 0):
-        raise TraceError("duplicate timestamps in a rate trace")
+    _refuse_duplicates(t, "rate trace")
     return Trace(float(t[0]) if t.size else 0.0, t - (t[0] if t.size else 0.0), r)
+
+
+def _refuse_duplicates(sorted_times: FloatArray, kind: str) -> None:
+    """A sample's value holds until the next sample's time, so two samples at one time are ambiguous."""
+    repeats = np.flatnonzero(np.diff(sorted_times) == 0)
+    if repeats.size:
+        first = datetime.fromtimestamp(float(sorted_times[repeats[0]]), UTC).isoformat()
+        more = f" and {repeats.size - 1} more" if repeats.size > 1 else ""
+        raise TraceError(
+            f"duplicate timestamps in a {kind}: {first}{more}; every sample needs its own time "
+            "(local-time stamps repeat at a daylight-saving change: write them in UTC)"
+        )
 
 
 def from_counts_per_step(timestamps: Sequence[float], counts: Sequence[float]) -> Trace:
@@ -127,10 +138,8 @@ def from_counts_per_step(timestamps: Sequence[float], counts: Sequence[float]) -
         raise TraceError("a count-per-step trace needs at least two samples to know its step")
     order = np.argsort(t, kind="stable")
     t, c = t[order], c[order]
-    gaps = np.diff(t)
-    if np.any(gaps <= 0):
-        raise TraceError("duplicate timestamps in a count-per-step trace")
-    step = float(np.median(gaps))
+    _refuse_duplicates(t, "count-per-step trace")
+    step = float(np.median(np.diff(t)))
     # Each count covers its own step; a longer gap (missing samples) holds the last rate, like a scrape gap.
     return from_rate_samples(t, c / step)
 

@@ -62,8 +62,16 @@ def test_an_unparsable_value_names_the_line() -> None:
 
 
 def test_duplicate_timestamps_are_refused() -> None:
-    with pytest.raises(TraceError, match="duplicate timestamps"):
+    with pytest.raises(TraceError, match=r"duplicate timestamps in a rate trace: 1970-01-01T00:00:00\+00:00;"):
         parse_trace("timestamp,value\n0,1\n0,2\n")
+
+
+def test_a_daylight_saving_repeat_in_a_count_trace_names_the_first_repeated_time() -> None:
+    # NAB's CloudWatch files stamp the hour skipped on 2014-03-09 all at 03:00.
+    rows = ["2014-03-09 01:55:00,1", *["2014-03-09 03:00:00,2"] * 3, "2014-03-09 03:05:00,3"]
+    with pytest.raises(TraceError, match=r"d\.csv: duplicate timestamps in a count-per-step trace: "
+                                         r"2014-03-09T03:00:00\+00:00 and 1 more; .*write them in UTC"):
+        parse_trace("timestamp,value\n" + "\n".join(rows) + "\n", "d.csv", "counts")
 
 
 def test_an_empty_request_log_is_refused() -> None:
