@@ -402,13 +402,34 @@ def rolling_max(values: FloatArray, width: int) -> FloatArray:
     return np.asarray(np.lib.stride_tricks.sliding_window_view(padded, width).max(axis=1), dtype=np.float64)
 
 
+def window_max(y: FloatArray, ends: IntArray, width: int) -> FloatArray:
+    """``max(y[max(0, e - width):e])`` for each end ``e >= 1``, in O(len(y)) when the ends span at most ``width``.
+
+    Every window then shares ``y[b:lo]`` (``b`` the latest start, ``lo`` the earliest end) and adds a
+    suffix of ``y[a:b]`` on the left and a prefix of ``y[lo:hi]`` on the right: two cumulative maxima
+    instead of one maximum per window. Ends further apart than ``width`` fall back to ``rolling_max``.
+    """
+    ends = np.asarray(ends, dtype=np.int64)
+    if ends.size == 0:
+        return np.empty(0, dtype=np.float64)
+    lo, hi = int(ends.min()), int(ends.max())
+    if hi - lo > width:
+        return np.asarray(rolling_max(y[:hi], width)[ends - 1], dtype=np.float64)
+    starts = np.maximum(ends - width, 0)
+    a, b = int(starts.min()), int(starts.max())  # b <= lo
+    suffix = np.append(np.maximum.accumulate(y[a:b][::-1])[::-1], -np.inf)  # suffix[i] = max(y[a + i:b])
+    prefix = np.concatenate(([-np.inf], np.maximum.accumulate(y[lo:hi])))  # prefix[j] = max(y[lo:lo + j])
+    middle = float(y[b:lo].max()) if lo > b else -np.inf
+    return np.asarray(np.maximum(np.maximum(suffix[starts - a], prefix[ends - lo]), middle), dtype=np.float64)
+
+
 def history_cap(y: FloatArray, origins: IntArray, samples: int | None = None) -> FloatArray:
     """``PEAK_CAP`` times the highest rate known at each origin (of the last ``samples``, else all of ``y[:o]``)."""
-    at = np.asarray(origins, dtype=np.int64) - 1
-    if at.size and int(at.min()) < 0:
+    at = np.asarray(origins, dtype=np.int64)
+    if at.size and int(at.min()) < 1:
         raise ForecastError("a forecast needs at least one sample of history")
-    highest = np.maximum.accumulate(y) if samples is None else rolling_max(y, samples)
-    return np.asarray(PEAK_CAP * highest[at], dtype=np.float64)
+    highest = np.maximum.accumulate(y)[at - 1] if samples is None else window_max(y, at, samples)
+    return np.asarray(PEAK_CAP * highest, dtype=np.float64)
 
 
 def peak_cap(values: Sequence[float] | FloatArray) -> float:

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from moe_operator.scaling.forecast import (
     BURST_RESERVE,
@@ -35,6 +37,7 @@ from moe_operator.scaling.forecast import (
     student_t_upper,
     trust_t,
     trusted,
+    window_max,
 )
 
 STEP = 300.0  # 5-minute history keeps the series short
@@ -193,6 +196,18 @@ def test_a_floor_forecast_is_capped_just_above_the_highest_rate_of_its_history()
 
 def test_peak_cap_is_the_cap_over_the_whole_history_gaps_filled() -> None:
     assert peak_cap([np.nan, 3.0, np.nan, 8.0, 2.0]) == pytest.approx(PEAK_CAP * 8.0)
+
+
+@given(
+    st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=60),
+    st.integers(1, 30),
+    st.lists(st.integers(1, 60), max_size=8),
+)
+def test_window_max_is_the_maximum_of_each_window(values: list[float], width: int, ends: list[int]) -> None:
+    y = np.asarray(values)
+    at = np.asarray([min(end, y.size) for end in ends], dtype=np.int64)
+    expected = [y[max(0, end - width) : end].max() for end in at.tolist()]
+    assert window_max(y, at, width).tolist() == expected
 
 
 def test_history_cap_needs_a_sample_before_the_origin() -> None:
