@@ -340,7 +340,8 @@ def print_outside(all_rows: list[Comparison], infos: list[dict[str, object]]) ->
         else:
             cheaper += 1
     if not costlier:
-        print(f"\nruns outside the reactive curve: {cheaper}, all cheaper than its cheapest target (U=0.9)"
+        print(f"\nruns outside the reactive curve: {cheaper}, all cheaper than its cheapest target "
+              f"(U={max(REACTIVE_TARGETS)})"
               if cheaper else "\nruns outside the reactive curve: none")
         return
     factor, row = max(costlier, key=lambda item: item[0])

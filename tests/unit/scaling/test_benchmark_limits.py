@@ -93,3 +93,22 @@ def test_oracle_escalation_raises_a_visible_burst_where_the_controller_held_no_f
     raised = bench.escalation_oracle(trace, config(), burst_schedule(trace, floor=False))
     assert raised.uses_floor[124] and raised.predicted_load[124] == 20.0
     assert not raised.uses_floor[np.r_[0:121, 140:240]].any()
+
+
+def test_runs_beyond_the_whole_reactive_curve_are_reported_with_their_cost(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No ratio exists for a run costlier than the HPA at every target; the report must still name it.
+    curve = [(100.0, 0.2, 50.0, 0.2), (400.0, 0.05, 200.0, 0.05)]
+    infos = [{"trace": "spiky", "delay": 600.0, "reactive_curve": curve}]
+
+    def run(replica_hours: float, target: float) -> object:
+        return bench.Comparison("spiky", 600.0, target, replica_hours, 0.1, None, 0.2, 1, 1, 0.1, None)
+
+    bench.print_outside([run(2000.0, 0.5), run(800.0, 0.7)], infos)
+    assert ("runs costlier than the reactive HPA at every target down to U=0.1: 2, at most 5.00x its "
+            "replica-hours (spiky, 600s, U=0.5)") in capsys.readouterr().out
+    bench.print_outside([run(90.0, 0.9)], infos)
+    assert "runs outside the reactive curve: 1, all cheaper than its cheapest target (U=0.9)" in capsys.readouterr().out
+    bench.print_outside([], infos)
+    assert "runs outside the reactive curve: none" in capsys.readouterr().out
