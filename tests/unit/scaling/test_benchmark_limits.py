@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -12,19 +9,12 @@ import pytest
 
 from moe_operator.scaling.simulate import ForecastSchedule, SimulationConfig, simulate
 from moe_operator.scaling.traces import Trace, from_rate_samples
-
-BENCHMARK = Path(__file__).resolve().parents[3] / "benchmarks" / "scaling.py"
+from tests.support.benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("scaling_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # Registered before running: its dataclasses look their module up in sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("scaling.py", "scaling_benchmark")
 
 
 def minutes_trace(rates: list[float]) -> Trace:

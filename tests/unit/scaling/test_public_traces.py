@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import importlib.util
-import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -15,18 +13,12 @@ from types import ModuleType
 import pytest
 
 from moe_operator.scaling.traces import TraceError, parse_trace, read_trace
-
-SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "public_traces.py"
+from tests.support.benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def fetcher() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("public_traces", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("public_traces.py", "public_traces")
 
 
 def series(start: str, samples: int, extra_columns: str = "") -> list[str]:
