@@ -56,7 +56,7 @@ from moe_operator.scaling.simulate import (
     tick_origins,
 )
 from moe_operator.scaling.synthetic import GENERATORS
-from moe_operator.scaling.traces import Trace, TraceFormat, read_trace
+from moe_operator.scaling.traces import Trace, TraceError, TraceFormat, read_trace
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 REACTIVE_TARGETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
@@ -390,8 +390,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     all_rows: list[Comparison] = []
     infos: list[dict[str, object]] = []
-    traces: dict[str, Trace] = {path.stem: read_trace(path, trace_format(path)) for path in files}
+    traces: dict[str, Trace] = {}
+    for path in files:
+        try:
+            traces[path.stem] = read_trace(path, trace_format(path))
+        except TraceError as exc:  # one unreadable file costs its own row, not the whole run
+            print(f"skipped: {exc}", file=sys.stderr)
     traces.update({name: make() for name, make in synthetic.items()})
+    if not traces:
+        print(f"no readable trace in {args.traces}", file=sys.stderr)
+        return 2
     for name, trace in traces.items():
         for delay in STARTUP_DELAYS:
             rows, info = run_trace(name, trace, delay, args.peak_replicas, args.limits)

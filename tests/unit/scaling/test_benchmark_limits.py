@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -102,3 +103,13 @@ def test_runs_beyond_the_whole_reactive_curve_are_reported_with_their_cost(
     assert "runs outside the reactive curve: 1, all cheaper than its cheapest target (U=0.9)" in capsys.readouterr().out
     bench.print_outside([], infos)
     assert "runs outside the reactive curve: none" in capsys.readouterr().out
+
+
+def test_an_unreadable_trace_file_is_named_and_skipped(
+    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "dst.csv").write_text("timestamp,value\n2014-03-09 03:00:00,1\n2014-03-09 03:00:00,2\n")
+    assert bench.main(["--traces", str(tmp_path), "--no-synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert f"skipped: {tmp_path / 'dst.csv'}: duplicate timestamps in a count-per-step trace" in err
+    assert f"no readable trace in {tmp_path}" in err
