@@ -201,6 +201,8 @@ def parse_trace(
                 values.append(float(row[1]))
         except (ValueError, IndexError) as exc:
             raise TraceError(f"{source}:{line}: cannot parse {row!r}: {exc}") from None
+        if fmt != "requests" and not (math.isfinite(values[-1]) and values[-1] >= 0):
+            raise TraceError(f"{source}:{line}: value {row[1].strip()!r} must be finite and >= 0")
     if not times:
         raise TraceError(f"{source}: no samples")
     try:

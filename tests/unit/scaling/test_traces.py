@@ -61,6 +61,12 @@ def test_an_unparsable_value_names_the_line() -> None:
         parse_trace("timestamp,value\n0,1\n60,abc\n", "t.csv")
 
 
+@pytest.mark.parametrize(("value", "shown"), [("-3", "'-3'"), ("nan", "'nan'"), (" inf", "'inf'")])
+def test_a_negative_or_non_finite_value_names_the_line_and_the_value(value: str, shown: str) -> None:
+    with pytest.raises(TraceError, match=rf"n\.csv:3: value {shown} must be finite and >= 0"):
+        parse_trace(f"timestamp,value\n0,1\n60,{value}\n", "n.csv", "counts")
+
+
 def test_duplicate_timestamps_are_refused() -> None:
     with pytest.raises(TraceError, match=r"duplicate timestamps in a rate trace: 1970-01-01T00:00:00\+00:00;"):
         parse_trace("timestamp,value\n0,1\n0,2\n")
