@@ -96,7 +96,13 @@ class ComplexityCalibrator:
         self.merge(n, float(batch_mean_t), float(batch_var_t))
 
     def merge(self, n: int, batch_mean: float, batch_var: float) -> None:
-        """Fold a batch given by its size, mean and (population) variance into the running statistics."""
+        """Fold a batch given by its size, mean and (population) variance into the running statistics.
+
+        A batch whose statistics are not finite (a token whose scores overflowed) is left out: folded in, it
+        would make every later boundary NaN and give every token the same k until the process restarts.
+        """
+        if not (math.isfinite(batch_mean) and math.isfinite(batch_var)):
+            return
         seen = min(self.count, self.window)
         total = seen + n
         delta = batch_mean - self.mean

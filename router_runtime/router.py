@@ -274,6 +274,19 @@ class DynamicRouter(nn.Module):
         # reductions, no full sort, and statistics on the host in numpy.
         # Detached, and every weight is a buffer: no autograd graph without an inference_mode context
         # (whose enter/exit costs ~9 us a call).
+        expert_input, logits = self.gate_batch(x, compute_output=compute_output)
+        return self._select(expert_input, logits, update_state)
+
+    def gate_batch(
+        self, x: torch.Tensor | np.ndarray, *, compute_output: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The first half of ``route``: ``(expert_input, logits [T, L])`` of ``x [T, d] | [B, S, d]``.
+
+        ``expert_input`` is the float32 tokens the expert FFNs will read (on the router's device), or None
+        when the router hosts none or ``compute_output`` is False. A caller can look at the logits (and drop
+        rows, from both) before ``route_logits`` decides: the server refuses a request whose logits are not
+        finite there, so that it never reaches the selection bias or the calibration.
+        """
         rows = self._token_rows(x).detach()
         expert_input = None
         if self.on_host:
@@ -284,9 +297,9 @@ class DynamicRouter(nn.Module):
             self._gate_into(rows, logits)
         else:  # 16-bit tokens cross to the device at their own size and are widened there
             tokens = rows.to(self.device, non_blocking=True).to(torch.float32)
-            expert_input = tokens if compute_output else None
+            expert_input = tokens if compute_output and self._expert_ffns is not None else None
             logits = F.linear(tokens, self._gate)
-        return self._select(expert_input, logits, update_state)
+        return expert_input, logits
 
     @property
     def gates_in_place(self) -> bool:
@@ -322,11 +335,14 @@ class DynamicRouter(nn.Module):
             start = end
         return logits
 
-    def route_logits(self, logits: torch.Tensor, *, update_state: bool = True) -> RoutingResult:
-        """Route a batch from its gate logits (``gate``): the decisions ``route`` makes on the same tokens."""
-        if not self.gates_in_place:
-            raise ValueError("route_logits() runs on the host without expert FFNs; use route()")
-        return self._select(None, logits, update_state)
+    def route_logits(
+        self, logits: torch.Tensor, *, expert_input: torch.Tensor | None = None, update_state: bool = True
+    ) -> RoutingResult:
+        """Route a batch from its gate logits (``gate`` or ``gate_batch``): the decisions ``route`` makes on the
+        same tokens. The MoE output is computed when ``expert_input`` (from ``gate_batch``) is given."""
+        if expert_input is not None and expert_input.shape[0] != logits.shape[0]:
+            raise ValueError(f"expert_input has {expert_input.shape[0]} rows, the logits {logits.shape[0]}")
+        return self._select(expert_input, logits, update_state)
 
     def _select(
         self, expert_input: torch.Tensor | None, logits: torch.Tensor, update_state: bool

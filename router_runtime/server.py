@@ -211,6 +211,15 @@ def _infer_headers(scope: Scope) -> dict[bytes, bytes]:
     return {name: value for name, value in scope["headers"] if name in _INFER_HEADERS}
 
 
+def gate_rejections(logits: torch.Tensor, parts: Sequence[np.ndarray]) -> dict[int, ProtocolError]:
+    """``rejected_by_gate`` for logits on the router's device: a GPU's come to the host only when one is bad."""
+    if logits.device.type == "cpu":
+        return rejected_by_gate(logits.numpy(), parts)
+    if bool(torch.isfinite(logits.sum())):  # one reduction and one small sync in the common case
+        return {}
+    return rejected_by_gate(logits.cpu().numpy(), parts)
+
+
 def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: DynamicRouter | None = None) -> FastAPI:
     """The OIP v2 app for ``config``; ``api_key`` (if set) guards model metadata and inference."""
     router_config = config.router
@@ -234,20 +243,33 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
     )
 
     def route_batch(parts: Sequence[np.ndarray]) -> list[RoutedSlice | Exception]:
-        """Runs on the batcher's worker thread: route the requests as one batch, cut it back into requests."""
-        if model.gates_in_place:
-            # Each body is gated where it lies and checked through its logits (see ``rejected_by_gate``).
+        """Runs on the batcher's worker thread: route the requests as one batch, cut it back into requests.
+
+        Every request is checked through its gate logits before anything is decided (``rejected_by_gate``):
+        a NaN, Inf, or finite values whose logits overflow float32 get their 400, and their rows never reach
+        the selection bias, the calibration or the expert FFNs.
+        """
+        expert_input: torch.Tensor | None = None
+        rejected: dict[int, Exception] = {}
+        if model.gates_in_place:  # each body is gated where it lies
+            admitted = list(range(len(parts)))
             sizes = [part.shape[0] for part in parts]
             logits = model.gate(parts)
-            rejected: dict[int, Exception] = dict(rejected_by_gate(logits.numpy(), parts))
-            if rejected:
-                keep = np.repeat([index not in rejected for index in range(len(parts))], sizes)
-                logits = logits[torch.from_numpy(keep)]
-                sizes = [size for index, size in enumerate(sizes) if index not in rejected]
-            result = model.route_logits(logits) if sizes else None
-        else:
+        else:  # the batch in one array (a GPU's pinned staging buffer, expert FFNs)
             tokens, sizes, rejected = slab.gather(parts, non_finite_error)
-            result = model.route(torch.from_numpy(tokens)) if sizes else None
+            if not sizes:
+                return [rejected[index] for index in range(len(parts))]
+            admitted = [index for index in range(len(parts)) if index not in rejected]
+            expert_input, logits = model.gate_batch(torch.from_numpy(tokens))
+        refused = gate_rejections(logits, [parts[index] for index in admitted])
+        if refused:
+            keep = torch.from_numpy(np.repeat([slot not in refused for slot in range(len(admitted))], sizes))
+            logits = logits[keep.to(logits.device)]
+            if expert_input is not None:
+                expert_input = expert_input[keep.to(expert_input.device)]
+            sizes = [size for slot, size in enumerate(sizes) if slot not in refused]
+            rejected.update({admitted[slot]: error for slot, error in refused.items()})
+        result = model.route_logits(logits, expert_input=expert_input) if sizes else None
         routed = iter(cut_batch(result, sizes) if result is not None else [])
         return [rejected[index] if index in rejected else next(routed) for index in range(len(parts))]
 

@@ -11,7 +11,9 @@ import torch
 
 from router_runtime.client import RouterClientError, route
 from router_runtime.protocol import HEADER_LENGTH, encode_request
-from tests.integration.runtime.conftest import API_KEY
+from router_runtime.router import DynamicRouter
+from tests.integration.runtime.conftest import API_KEY, small_config
+from tests.integration.runtime.serving import running_server
 
 INFER = "/v2/models/tiny/infer"
 
@@ -161,6 +163,40 @@ def test_paths_beside_the_infer_fast_path_keep_the_framework_answers(server_url:
     assert httpx.post(server_url + "/v2/models/tiny%2Fx/infer", content=b"{}").status_code == 404
     assert httpx.post(server_url + "/v2/models//infer", content=b"{}").status_code == 404
     assert httpx.post(server_url + "/v2/models/tiny/infer/extra", content=b"{}").status_code == 404
+
+
+def huge_binary_request(t: int = 3) -> tuple[bytes, dict[str, str]]:
+    """Finite values whose gate logits overflow float32 (3e38 x a sum of weights)."""
+    x = tokens(t=t, seed=9)
+    x[1, :] = 3e38
+    return encode_request(x, binary=True)
+
+
+def test_finite_values_whose_logits_overflow_are_answered_400_with_hosted_experts(server_url: str) -> None:
+    # This server gathers each batch into one array for its expert FFNs: the logits are checked there too.
+    body, headers = huge_binary_request()
+    response = httpx.post(server_url + INFER, content=body, headers=headers, timeout=10)
+    assert response.status_code == 400
+    assert "too large for the router" in response.json()["error"]
+
+
+@pytest.mark.parametrize("experts", [True, False])
+def test_a_refused_request_leaves_no_trace_in_the_routing_state(experts: bool) -> None:
+    # complexity's calibration and the selection bias learn from every routed batch: a refused one must not count.
+    config = small_config(strategy="complexity", experts={"enabled": experts, "hiddenDim": 8})
+    served, reference = DynamicRouter(config.router), DynamicRouter(config.router)
+    body, headers = huge_binary_request()
+    with running_server(config, router=served) as (url, _app):
+        for seed in (11, 12):
+            x = tokens(t=64, seed=seed)
+            response = httpx.post(url + INFER, content=body, headers=headers, timeout=10)
+            assert response.status_code == 400
+            got = route(url, "tiny", x)
+            expected = reference.route(x)
+            assert np.array_equal(got.k, expected.k.numpy())
+            assert np.array_equal(got.indices, expected.indices.numpy())
+    assert served.calibrator is not None and reference.calibrator is not None
+    assert (served.calibrator.mean, served.calibrator.var) == (reference.calibrator.mean, reference.calibrator.var)
 
 
 def test_server_keeps_serving_after_bad_requests(server_url: str) -> None:

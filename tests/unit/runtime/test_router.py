@@ -334,6 +334,44 @@ def test_calibrated_counts_equal_the_normal_cdf_quantiles() -> None:
     assert (calibrator.counts(raw, 1, 4, update=False) != direct).sum() <= 2  # float rounding at the boundaries
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_batch_with_non_finite_statistics_leaves_the_calibration_as_it_was(bad: float) -> None:
+    calibrator = ComplexityCalibrator()
+    calibrator.update(torch.randn(100, generator=torch.Generator().manual_seed(2)))
+    before = (calibrator.mean, calibrator.var, calibrator.count)
+    calibrator.merge(10, bad, 1.0)
+    calibrator.merge(10, 0.5, bad)
+    calibrator.update(torch.tensor([1.0, bad]))
+    assert (calibrator.mean, calibrator.var, calibrator.count) == before
+
+
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
+def test_a_token_whose_logits_overflow_does_not_break_the_complexity_calibration(kernel: str) -> None:
+    # Routed directly (the server refuses such a request before this): the later batches must still spread k.
+    router = DynamicRouter(config(strategy="complexity", kernel=kernel))
+    huge = tokens(4)
+    huge[1] = 3e38
+    router.route(huge)
+    assert router.calibrator is not None
+    assert math.isfinite(router.calibrator.mean) and math.isfinite(router.calibrator.var)
+    assert len(torch.unique(router.route(tokens(256, seed=5)).k)) == 4
+
+
+def test_route_logits_with_expert_input_equals_route() -> None:
+    routed, gated = DynamicRouter(config(experts={"enabled": True, "hiddenDim": 8})), DynamicRouter(
+        config(experts={"enabled": True, "hiddenDim": 8})
+    )
+    x = tokens(32, seed=6)
+    expected = routed.route(x)
+    expert_input, logits = gated.gate_batch(x)
+    assert expert_input is not None
+    got = gated.route_logits(logits, expert_input=expert_input)
+    assert torch.equal(got.indices, expected.indices) and torch.equal(got.weights, expected.weights)
+    assert got.output is not None and expected.output is not None and torch.equal(got.output, expected.output)
+    with pytest.raises(ValueError, match="rows"):
+        gated.route_logits(logits, expert_input=expert_input[:3])
+
+
 def test_calibration_merged_from_moments_equals_calibration_from_scores() -> None:
     scores = torch.randn(1000, generator=torch.Generator().manual_seed(4)) * 3 + 1
     from_scores, from_moments = ComplexityCalibrator(), ComplexityCalibrator()
