@@ -172,7 +172,11 @@ class PredictiveSpec(CamelModel):
     )
     target_utilization: float = Field(0.7, gt=0.0, le=1.0)
     horizon_seconds: int | None = Field(
-        None, ge=15, le=86400, description="How far ahead to provision. Default: runtime.startupSeconds + 120."
+        None,
+        ge=15,
+        le=86400,
+        description="How far ahead to provision; must be > runtime.startupSeconds. "
+        "Default: runtime.startupSeconds + 120.",
     )
     lookback_seconds: int = Field(
         8 * 86400, ge=3600, le=35 * 86400, description="History fetched from Prometheus."
@@ -278,6 +282,20 @@ class MonitoringSpec(CamelModel):
 class MoERouterSpec(CamelModel):
     """Desired state of a MoERouter."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    # runtime (and its startupSeconds), autoscaling and predictive are defaulted before validation.
+                    "rule": "!has(self.autoscaling.predictive.horizonSeconds) || "
+                    "self.autoscaling.predictive.horizonSeconds > self.runtime.startupSeconds",
+                    "message": "autoscaling.predictive.horizonSeconds must be > runtime.startupSeconds: pods "
+                    "added for a nearer forecast are not ready before the demand arrives",
+                }
+            ]
+        }
+    )
+
     router: RouterConfig = Field(default_factory=RouterConfig)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     replicas: int = Field(2, ge=0, le=10000, description="Replicas when autoscaling is off (/scale target).")
@@ -287,6 +305,16 @@ class MoERouterSpec(CamelModel):
         default_factory=PodDisruptionBudgetSpec
     )
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+
+    @model_validator(mode="after")
+    def _horizon_outlasts_startup(self) -> MoERouterSpec:
+        horizon, startup = self.autoscaling.predictive.horizon_seconds, self.runtime.startup_seconds
+        if horizon is not None and horizon <= startup:
+            raise ValueError(
+                f"autoscaling.predictive.horizonSeconds ({horizon}) must be > runtime.startupSeconds ({startup}): "
+                "pods added for a nearer forecast are not ready before the demand arrives"
+            )
+        return self
 
 
 class Condition(CamelModel):

@@ -50,8 +50,13 @@ def _constraints(node: Schema) -> str:
     if "pattern" in node:
         parts.append(f"pattern `{node['pattern']}`")
     for rule in node.get("x-kubernetes-validations", []):
-        parts.append(f"CEL: `{rule['rule']}`")
+        parts.append(f"CEL: `{_table_cell(rule['rule'])}`")
     return "; ".join(parts)
+
+
+def _table_cell(text: str) -> str:
+    """A pipe splits a Markdown table cell even inside a code span (CEL's ``||``): escape it."""
+    return text.replace("|", "\\|")
 
 
 def _default(node: Schema) -> str:
@@ -61,7 +66,7 @@ def _default(node: Schema) -> str:
 
 
 def _rows(node: Schema, path: str) -> list[str]:
-    description = " ".join(str(node.get("description", "")).split()).replace("|", "\\|")
+    description = _table_cell(" ".join(str(node.get("description", "")).split()))
     rows = [f"| `{path}` | {_type_of(node)} | {_default(node)} | {_constraints(node)} | {description} |"]
     for name, child in node.get("properties", {}).items():
         rows.extend(_rows(child, f"{path}.{name}"))

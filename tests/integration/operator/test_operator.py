@@ -247,18 +247,36 @@ async def test_a_missing_secret_degrades_with_a_warning_and_keeps_the_children(t
         assert any((item.get("valueFrom") or {}).get("secretKeyRef", {}).get("name") == "api-key" for item in env)
 
 
-async def test_an_invalid_spec_degrades_and_deletes_nothing(tmp_path):
+@pytest.mark.parametrize(
+    ("patch", "named"),
+    [
+        ({"router": {"minExperts": 6, "maxExperts": 2}}, "spec.router"),
+        # A rule across two sections of the spec (MoERouterSpec itself), stored before the CRD had it.
+        (
+            {"runtime": {"startupSeconds": 300}, "autoscaling": {"predictive": {"horizonSeconds": 120}}},
+            "autoscaling.predictive.horizonSeconds (120) must be > runtime.startupSeconds (300)",
+        ),
+    ],
+    ids=["router-rule", "horizon-within-startup"],
+)
+async def test_an_invalid_spec_degrades_with_a_warning_and_deletes_nothing(tmp_path, patch, named):
     async with cluster(tmp_path) as k8s:
         await ready_router(k8s)
         before = children(k8s)
-        await k8s.patch_router("demo-router", {"spec": {"router": {"minExperts": 6, "maxExperts": 2}}})
+        await k8s.patch_router("demo-router", {"spec": patch})
         degraded = await eventually(
             lambda: (k8s.condition("demo-router", "Degraded") or {}).get("status") == "True"
             and k8s.condition("demo-router", "Degraded"),
             message="Degraded=True",
         )
         assert degraded["reason"] == "InvalidSpec"
-        assert "spec.router" in degraded["message"]
+        assert named in degraded["message"]
+        events = await eventually(
+            lambda: [e for e in k8s.sandbox.items("", "v1", "events", "default")
+                     if e.get("type") == "Warning" and e.get("reason") == "InvalidSpec"],
+            message="a Warning event",
+        )
+        assert named in events[0]["message"]
         await asyncio.sleep(1.5)
         after = children(k8s)
         assert after.keys() == before.keys()

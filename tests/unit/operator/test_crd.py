@@ -95,6 +95,10 @@ def test_examples_are_accepted_by_the_crd_schema(path: Path, crd: dict[str, Any]
         ({"router": {"numExperts": 4, "maxExperts": 6}}, "maxExperts must be <= router.numExperts"),
         ({"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}, "minReplicas must be <= autoscaling.maxReplicas"),
         ({"autoscaling": {"predictive": {"mode": "Active"}}}, "prometheus is required unless mode is Off"),
+        (
+            {"runtime": {"startupSeconds": 300}, "autoscaling": {"predictive": {"horizonSeconds": 300}}},
+            "horizonSeconds must be > runtime.startupSeconds",
+        ),
     ],
 )
 def test_cross_field_rules_reject_in_cel_and_in_the_models(
@@ -105,6 +109,37 @@ def test_cross_field_rules_reject_in_cel_and_in_the_models(
     assert any(expected in problem for problem in problems), problems
     with pytest.raises(ValueError, match=expected.split(" must")[0].split(" is")[0]):
         parse_spec(patch)
+
+
+def router_with(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "moerouter.io/v1alpha1", "kind": "MoERouter", "metadata": {"name": "r"}, "spec": spec}
+
+
+@pytest.mark.parametrize(
+    ("runtime", "horizon", "startup"),
+    [({}, 15, 300), ({}, 300, 300), ({"startupSeconds": 600}, 420, 600), ({"startupSeconds": 60}, 60, 60)],
+)
+def test_a_horizon_not_beyond_the_pod_startup_is_refused_naming_both_fields_and_values(
+    runtime: dict[str, Any], horizon: int, startup: int, crd: dict[str, Any]
+) -> None:
+    spec = {"runtime": runtime, "autoscaling": {"predictive": {"horizonSeconds": horizon}}}
+    assert any("horizonSeconds must be > runtime.startupSeconds" in problem
+               for problem in validate_custom_object(router_with(spec), crd))
+    with pytest.raises(
+        ValueError,
+        match=rf"autoscaling\.predictive\.horizonSeconds \({horizon}\) must be > runtime\.startupSeconds \({startup}\)",
+    ):
+        parse_spec(spec)
+
+
+@pytest.mark.parametrize(("runtime", "horizon"), [({}, 301), ({"startupSeconds": 60}, 61), ({}, None)])
+def test_a_horizon_beyond_the_pod_startup_or_left_to_its_default_is_accepted(
+    runtime: dict[str, Any], horizon: int | None, crd: dict[str, Any]
+) -> None:
+    predictive = {} if horizon is None else {"horizonSeconds": horizon}
+    spec = {"runtime": runtime, "autoscaling": {"predictive": predictive}}
+    assert validate_custom_object(router_with(spec), crd) == []
+    assert parse_spec(spec).autoscaling.predictive.horizon_seconds == horizon
 
 
 @pytest.mark.parametrize(
