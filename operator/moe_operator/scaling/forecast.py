@@ -714,6 +714,15 @@ def score_with_bound(model_short: FloatArray, reactive_short: FloatArray, t_quan
     return score, score + t_quantile * math.sqrt(variance)
 
 
+def seasonal_min_history(model: str, grid: Grid) -> int:
+    """Samples of history before the seasonal ``model`` can be backtested at all.
+
+    One period and a window before its first origin (``earliest_origin``), one horizon of outcome,
+    and origins enough for ``_periods_available`` and ``MIN_FOLDS`` folds of one horizon each.
+    """
+    return earliest_origin(model, grid) + grid.horizon + max(MIN_BACKTEST_ORIGINS, MIN_FOLDS * grid.horizon - 1)
+
+
 def _periods_available(model: str, grid: Grid, n: int) -> int:
     if model not in (SEASONAL_DAILY, SEASONAL_WEEKLY):
         return 1

@@ -24,14 +24,18 @@ import numpy.typing as npt
 from moe_operator.api import PredictiveSpec
 from moe_operator.scaling.forecast import (
     DEFAULT_QUANTILE,
+    SEASONAL_WEEKLY,
+    WEEK_SECONDS,
     ForecastError,
     Grid,
     ModelChoice,
     Seasonality,
+    candidate_models,
     fill_gaps,
     forecast_peak,
     future_peak,
     incumbent_model,
+    seasonal_min_history,
     select_model,
 )
 from moe_operator.scaling.policy import (
@@ -95,6 +99,10 @@ class SimulationConfig:
         if self.horizon_seconds is not None:
             return self.horizon_seconds
         return default_horizon_seconds(None, math.ceil(self.startup_delay))
+
+    @property
+    def lookback_samples(self) -> int:
+        return max(1, round(self.lookback_seconds / self.step_seconds))
 
     @property
     def grid(self) -> Grid:
@@ -163,6 +171,33 @@ def tick_origins(tick_times: FloatArray, step_seconds: float) -> IntArray:
     return np.floor((tick_times - METRIC_LAG_SECONDS) / step_seconds + 1e-9).astype(np.int64)
 
 
+def history_samples(origins: IntArray, config: SimulationConfig) -> IntArray:
+    """Samples of history the forecast at each origin sees: everything so far, up to the lookback."""
+    return np.minimum(np.maximum(origins, 0), config.lookback_samples)
+
+
+def most_history_samples(trace: Trace, config: SimulationConfig) -> int:
+    """The most history any forecast of the replay sees: its last tick's, up to the lookback."""
+    last_tick = np.arange(0.0, trace.duration, config.interval_seconds)[-1:]
+    return int(history_samples(tick_origins(last_tick, config.step_seconds), config).max(initial=0))
+
+
+def weekly_history_warning(trace: Trace, config: SimulationConfig) -> str | None:
+    """Why seasonality ``weekly`` cannot pick the weekly model anywhere in this replay, if it cannot."""
+    grid = config.grid
+    needed = seasonal_min_history(SEASONAL_WEEKLY, grid) * grid.step_seconds
+    seen = most_history_samples(trace, config) * grid.step_seconds
+    if seen >= needed:
+        return None
+    fallback = ", ".join(model for model in candidate_models("weekly") if model != SEASONAL_WEEKLY)
+    return (
+        f"the weekly model needs {needed / 3600:.1f} h of history (a week plus "
+        f"{(needed - WEEK_SECONDS) / 3600:.1f} h for its window, horizon and backtest) and this replay's "
+        f"forecasts see at most {seen / 3600:.1f} h (the trace, up to the lookback); they choose among "
+        f"{fallback} or stay reactive"
+    )
+
+
 def forecast_schedule(trace: Trace, config: SimulationConfig) -> ForecastSchedule:
     """Run the predictive controller's forecast at every tick of the replay, causally.
 
@@ -173,10 +208,10 @@ def forecast_schedule(trace: Trace, config: SimulationConfig) -> ForecastSchedul
     history = trace.mean_rates(config.step_seconds)
     ticks = np.arange(0.0, trace.duration, config.interval_seconds)
     origins = tick_origins(ticks, config.step_seconds)
-    lookback = max(1, round(config.lookback_seconds / config.step_seconds))
+    lookback = config.lookback_samples
     predicted = np.full(ticks.size, np.nan)
     uses_floor = np.zeros(ticks.size, dtype=bool)
-    samples = np.minimum(np.maximum(origins, 0), lookback)
+    samples = history_samples(origins, config)
     # Like the controller: the first backtest as soon as the history suffices, then when refit_due.
     sufficient = np.flatnonzero(origins >= grid.min_history)
     first_fit = int(sufficient[0]) if sufficient.size else ticks.size

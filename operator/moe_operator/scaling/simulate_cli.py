@@ -72,6 +72,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule-out", help="write t_seconds,desired_replicas here (one row per 15 s)")
     parser.add_argument("--plot", help="PNG of demand, ready capacity and replicas for both policies")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.set_defaults(usage_error=parser.error)  # rules across arguments are refused like argparse's own
+
+
+def _conflict(args: argparse.Namespace) -> str | None:
+    """What two arguments together get wrong, naming both flags."""
+    if args.min_replicas > args.max_replicas:
+        return f"--min-replicas ({args.min_replicas}) must be <= --max-replicas ({args.max_replicas})"
+    if args.horizon is not None and args.horizon <= args.startup_delay:
+        return (
+            f"--horizon ({args.horizon:g}) must be > --startup-delay ({args.startup_delay:g}): pods added for a "
+            "nearer forecast are not ready before the demand arrives"
+        )
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,10 +94,14 @@ def run(args: argparse.Namespace) -> int:
         forecast_schedule,
         plot_results,
         simulate,
+        weekly_history_warning,
         write_schedule_csv,
     )
     from moe_operator.scaling.traces import TraceError, read_trace
 
+    conflict = _conflict(args)
+    if conflict is not None:
+        args.usage_error(conflict)
     try:
         trace = read_trace(args.trace, args.trace_format, args.bin_seconds)
         config = SimulationConfig(
@@ -96,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     except (TraceError, PolicyError) as exc:
         print(f"moe-operator simulate: {exc}", file=sys.stderr)
         return 2
+    if args.seasonality == "weekly" and (warning := weekly_history_warning(trace, config)) is not None:
+        print(f"moe-operator simulate: warning: --seasonality weekly: {warning}", file=sys.stderr)
     schedule = forecast_schedule(trace, config)
     results = {policy: simulate(trace, config, policy, schedule) for policy in ("reactive", "predictive")}
     chosen = results[args.policy]

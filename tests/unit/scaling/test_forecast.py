@@ -17,9 +17,11 @@ from moe_operator.scaling.forecast import (
     REACTIVE,
     RECENT_PEAK,
     SEASONAL_DAILY,
+    SEASONAL_WEEKLY,
     ForecastError,
     Grid,
     ModelChoice,
+    Seasonality,
     backtest_model,
     confirmation_lag,
     fill_gaps,
@@ -33,6 +35,7 @@ from moe_operator.scaling.forecast import (
     quantile_factor,
     quantile_origins,
     rolling_max,
+    seasonal_min_history,
     select_model,
     student_t_upper,
     trust_t,
@@ -365,3 +368,18 @@ def test_student_t_quantiles_match_the_tables() -> None:
 def test_the_trust_bound_widens_with_fewer_folds_and_more_candidates() -> None:
     assert trust_t(16, 5) > trust_t(16, 1)
     assert trust_t(4, 5) > trust_t(16, 5)
+
+
+@pytest.mark.parametrize(("model", "seasonality"), [(SEASONAL_WEEKLY, "weekly"), (SEASONAL_DAILY, "daily")])
+@pytest.mark.parametrize(("step", "horizon"), [(60.0, 420.0), (60.0, 3600.0), (300.0, 420.0)])
+def test_a_seasonal_model_is_scored_from_exactly_its_min_history(
+    model: str, seasonality: Seasonality, step: float, horizon: float
+) -> None:
+    grid = Grid.of(step, horizon, lead_seconds=300.0)
+    needed = seasonal_min_history(model, grid)
+    y = np.random.default_rng(1).gamma(2.0, 5.0, needed)
+    scored = [
+        model in dict(backtest_model(y[:n], grid, seasonality, end_seconds=0.0).records)
+        for n in (needed - 1, needed)
+    ]
+    assert scored == [False, True]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from moe_operator.cli import main
 from moe_operator.scaling import forecast
-from moe_operator.scaling.forecast import BURST_RESERVE, MODELS, PEAK_CAP
+from moe_operator.scaling.forecast import BURST_RESERVE, MODELS, PEAK_CAP, SEASONAL_WEEKLY, seasonal_min_history
 from moe_operator.scaling.policy import PolicyError
 from moe_operator.scaling.simulate import (
     POLICIES,
@@ -19,6 +20,7 @@ from moe_operator.scaling.simulate import (
     forecast_schedule,
     simulate,
     tick_origins,
+    weekly_history_warning,
     write_schedule_csv,
 )
 from moe_operator.scaling.synthetic import bursty_daily
@@ -181,6 +183,57 @@ def test_simulate_cli_rejects_a_target_above_one(tmp_path: Path) -> None:
             "--target-utilization", "1.5", "--min-replicas", "1", "--max-replicas", "100", "--policy", "reactive",
         ])
     assert exit_info.value.code == 2
+
+
+SIMULATE = [
+    "simulate", "--capacity-per-replica", "1", "--startup-delay", "300", "--target-utilization", "0.5",
+    "--policy", "predictive",
+]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--min-replicas", "10", "--max-replicas", "5"], "--min-replicas (10) must be <= --max-replicas (5)"),
+        (["--horizon", "10"], "--horizon (10) must be > --startup-delay (300)"),
+        (["--horizon", "300"], "--horizon (300) must be > --startup-delay (300)"),
+    ],
+)
+def test_simulate_cli_refuses_arguments_that_conflict_naming_both_flags(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace_path = write_rate_csv(tmp_path / "trace.csv", step_trace())
+    bounds = [] if "--min-replicas" in flags else ["--min-replicas", "1", "--max-replicas", "100"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*SIMULATE, "--trace", str(trace_path), *bounds, *flags])
+    assert exit_info.value.code == 2
+    assert f"moe-operator simulate: error: {message}" in capsys.readouterr().err
+
+
+def test_simulate_cli_warns_when_the_trace_is_too_short_for_the_weekly_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace_path = write_rate_csv(tmp_path / "trace.csv", step_trace())
+    code = main([*SIMULATE, "--trace", str(trace_path), "--min-replicas", "1", "--max-replicas", "100",
+                 "--seasonality", "weekly"])
+    assert code == 0
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning.startswith(
+        "moe-operator simulate: warning: --seasonality weekly: the weekly model needs 169.6 h of history "
+        "(a week plus 1.6 h for its window, horizon and backtest) and this replay's forecasts see at most 2.0 h"
+    )
+
+
+def test_the_weekly_warning_goes_once_the_replay_holds_what_the_model_needs() -> None:
+    config = SimulationConfig(1.0, 300, 0.5, 1, 100, seasonality="weekly")
+    needed = seasonal_min_history(SEASONAL_WEEKLY, config.grid) * config.step_seconds
+    # The last tick's forecast sees the trace up to one metric lag and one whole step before its end.
+    times = np.arange(0.0, needed + 2 * config.step_seconds, config.step_seconds)
+    assert weekly_history_warning(from_rate_samples(times, np.ones(times.size)), config) is None
+    short = from_rate_samples(times[:-2], np.ones(times.size - 2))
+    assert "the weekly model needs" in (weekly_history_warning(short, config) or "")
+    long_trace_short_lookback = replace(config, lookback_seconds=7 * DAY)
+    assert weekly_history_warning(from_rate_samples(times, np.ones(times.size)), long_trace_short_lookback)
 
 
 def test_burst_reserve_decisions_never_use_demand_later_than_thirty_seconds_before_them() -> None:
