@@ -49,9 +49,13 @@ def _serve(args: argparse.Namespace) -> int:
         except OSError as exc:  # the port is taken or the address is not ours
             print(f"moe-router serve: cannot listen: {exc}", file=sys.stderr)
             return 1
-    from router_runtime.server import serve
+    from router_runtime.server import StartupError, serve
 
-    return serve(config, api_key=api_key, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        return serve(config, api_key=api_key, host=args.host, port=args.port, log_level=args.log_level)
+    except StartupError as exc:
+        print(f"moe-router serve: {exc}", file=sys.stderr)
+        return 1
 
 
 def _route(args: argparse.Namespace) -> int:

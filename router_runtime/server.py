@@ -608,12 +608,24 @@ def fit_threads_to_cpu_limit() -> None:
         torch.set_num_threads(limit)
 
 
+class StartupError(Exception):
+    """The router the config describes cannot be built (a one-line cause for the CLI and the pod's log)."""
+
+
 class _DrainingServer(uvicorn.Server):
     """uvicorn that turns readiness false the moment SIGTERM/SIGINT arrives, before draining."""
 
-    def __init__(self, config: uvicorn.Config, state: RuntimeState) -> None:
+    def __init__(
+        self, config: uvicorn.Config, state: RuntimeState, on_started: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(config)
         self._runtime_state = state
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self._on_started is not None:
+            self._on_started()  # the router is built and the socket is served: tell the supervisor
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._runtime_state.draining:
@@ -654,13 +666,21 @@ def serve(
     port: int | None = None,
     log_level: str = "info",
     sockets: list[socket.socket] | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> int:
-    """Serve ``config`` with uvicorn on ``host:port`` (or ``sockets``) until SIGTERM; one process."""
+    """Serve ``config`` with uvicorn on ``host:port`` (or ``sockets``) until SIGTERM; one process.
+
+    ``on_started`` is called once the app is built and serving (a worker process tells its supervisor).
+    """
     fit_threads_to_cpu_limit()
-    app = create_app(config, api_key=api_key)
+    try:
+        app = create_app(config, api_key=api_key)
+    except ValueError as exc:  # the weights file, the device, the kernel: what the config asks cannot be built
+        log.debug("router start-up failed", exc_info=True)
+        raise StartupError(f"cannot start the router: {exc}") from exc
     # Everything built so far lives until exit: keep the collector from walking it on every full pass.
     gc.collect()
     gc.freeze()
-    server = _DrainingServer(uvicorn_config(app, config, host, port, log_level), app.state.runtime)
+    server = _DrainingServer(uvicorn_config(app, config, host, port, log_level), app.state.runtime, on_started)
     server.run(sockets=sockets)
     return 0 if server.started else 1

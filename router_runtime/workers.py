@@ -9,7 +9,13 @@ at ``/tmp`` in the pod), so any worker's ``/metrics`` shows the pod's totals.
 
 Shutdown: SIGTERM or SIGINT to the supervisor is passed to every worker as SIGTERM; each turns its
 readiness false, finishes its in-flight and queued requests within ``server.shutdownGraceSeconds`` and
-exits; the supervisor exits 0 once all have. A worker that dies on its own is restarted.
+exits; the supervisor exits 0 once all have.
+
+A worker that dies after it started serving is restarted, after a pause that doubles (up to
+``MAX_RESTART_DELAY_S``) while its replacements keep dying within ``STABLE_AFTER_S`` of their start. A worker
+that dies before it ever served (missing weights file, a CUDA device the build cannot use, a bad config)
+would die the same way again: the supervisor stops the others and exits 1, so the pod's container
+restarts with the kubelet's own back-off (CrashLoopBackOff) and the cause is the last thing in its log.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import threading
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any
 
 from router_runtime.config import RuntimeFileConfig
 
@@ -34,6 +41,11 @@ log = logging.getLogger(__name__)
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: Seconds a worker gets beyond the grace period before it is killed.
 _KILL_MARGIN_S = 5.0
+#: Pause before restarting a worker that died after serving; doubled per quick death, up to the maximum.
+FIRST_RESTART_DELAY_S = 0.5
+MAX_RESTART_DELAY_S = 30.0
+#: A worker that served this long before it died is restarted after the first delay again.
+STABLE_AFTER_S = 60.0
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -48,16 +60,37 @@ def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
 
 
 def _worker_main(
-    config: RuntimeFileConfig, api_key: str | None, log_level: str, sock: socket.socket, threads: int
+    config: RuntimeFileConfig, api_key: str | None, log_level: str, sock: socket.socket, threads: int, ready: Any
 ) -> None:
-    """A spawned worker: set its thread count before torch loads, then serve on the shared socket."""
+    """A spawned worker: set its thread count before torch loads, then serve on the shared socket.
+
+    ``ready`` (a multiprocessing Event) is set once it serves, so the supervisor can tell a worker that
+    crashed while serving from one that could not start at all.
+    """
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which passes on one SIGTERM
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=log_level.upper(), format=_LOG_FORMAT)
-    from router_runtime.server import serve
+    from router_runtime.server import StartupError, serve
 
-    raise SystemExit(serve(config, api_key=api_key, log_level=log_level, sockets=[sock]))
+    try:
+        raise SystemExit(serve(config, api_key=api_key, log_level=log_level, sockets=[sock], on_started=ready.set))
+    except StartupError as exc:
+        logging.getLogger("router_runtime").error("%s", exc)
+        raise SystemExit(1) from None
+
+
+class _Worker:
+    """One worker slot: its process, whether it ever served, and its restart back-off."""
+
+    __slots__ = ("failures", "process", "ready", "restart_at", "started_at")
+
+    def __init__(self) -> None:
+        self.process: BaseProcess | None = None
+        self.ready: Any = None
+        self.started_at = 0.0
+        self.failures = 0
+        self.restart_at: float | None = None
 
 
 class Supervisor:
@@ -73,18 +106,24 @@ class Supervisor:
         self.workers = workers
         self.threads = threads
         self.log_level = log_level
-        self.processes: list[BaseProcess] = []
+        self.slots: list[_Worker] = []
         self.stopping = threading.Event()
         self._context = multiprocessing.get_context("spawn")
 
-    def _start(self) -> BaseProcess:
-        process = self._context.Process(
+    @property
+    def processes(self) -> list[BaseProcess]:
+        return [slot.process for slot in self.slots if slot.process is not None]
+
+    def _start(self, slot: _Worker) -> None:
+        slot.ready = self._context.Event()
+        slot.process = self._context.Process(
             target=_worker_main,
-            args=(self.config, self.api_key, self.log_level, self.sock, self.threads),
+            args=(self.config, self.api_key, self.log_level, self.sock, self.threads, slot.ready),
             name="moe-router-worker",
         )
-        process.start()
-        return process
+        slot.started_at = time.monotonic()
+        slot.restart_at = None
+        slot.process.start()
 
     def _request_stop(self, sig: int, frame: FrameType | None) -> None:
         if not self.stopping.is_set():
@@ -94,15 +133,42 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._request_stop)
-        self.processes = [self._start() for _ in range(self.workers)]
+        self.slots = [_Worker() for _ in range(self.workers)]
+        for slot in self.slots:
+            self._start(slot)
         log.info("%d workers with %d torch threads each", self.workers, self.threads)
-        while not self.stopping.wait(0.5):
-            for index, process in enumerate(self.processes):
-                if not process.is_alive() and not self.stopping.is_set():
-                    log.error("worker %d (pid %s) exited with %s: restarting it", index, process.pid, process.exitcode)
-                    _mark_dead(process)
-                    self.processes[index] = self._start()
+        while not self.stopping.wait(0.2):
+            if not self._watch(time.monotonic()):
+                self.stop()
+                return 1
         return self.stop()
+
+    def _watch(self, now: float) -> bool:
+        """Restart dead workers when their back-off is over; False when one could not start at all."""
+        for index, slot in enumerate(self.slots):
+            process = slot.process
+            if slot.restart_at is not None:
+                if now >= slot.restart_at:
+                    self._start(slot)
+                continue
+            if process is None or process.is_alive() or self.stopping.is_set():
+                continue
+            _mark_dead(process)
+            if not slot.ready.is_set():
+                log.error(
+                    "worker %d (pid %s) exited with %s before it could serve: stopping (see its error above)",
+                    index, process.pid, process.exitcode,
+                )  # fmt: skip
+                return False
+            slot.failures = slot.failures + 1 if now - slot.started_at < STABLE_AFTER_S else 1
+            delay = min(MAX_RESTART_DELAY_S, FIRST_RESTART_DELAY_S * 2 ** (slot.failures - 1))
+            log.error(
+                "worker %d (pid %s) exited with %s: restarting it in %.1f s",
+                index, process.pid, process.exitcode, delay,
+            )  # fmt: skip
+            slot.restart_at = now + delay
+            slot.process = None
+        return True
 
     def stop(self) -> int:
         """SIGTERM every worker, wait for them to drain, kill stragglers; 0 when all exited cleanly."""

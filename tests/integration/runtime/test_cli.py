@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from moe_operator.sandbox import free_port
 from router_runtime.__main__ import build_parser, main
 from router_runtime.server import resolve_api_key
 from tests.integration.runtime.conftest import API_KEY
@@ -93,3 +96,31 @@ def test_serve_with_workers_on_a_taken_port_says_so(capsys: pytest.CaptureFixtur
         port = str(taken.getsockname()[1])
         assert main(["serve", "--workers", "2", "--host", "127.0.0.1", "--port", port]) == 1
     assert "cannot listen" in capsys.readouterr().err
+
+
+def missing_weights_config(tmp_path: Path) -> Path:
+    config = tmp_path / "router.yaml"
+    config.write_text(f"router:\n  weights:\n    path: {tmp_path / 'nope.safetensors'}\n")
+    return config
+
+
+def test_serve_that_cannot_build_its_router_says_why_in_one_line_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--config", str(missing_weights_config(tmp_path)), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "moe-router serve: cannot start the router: weights file" in err and "does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_workers_that_cannot_start_stop_the_server_with_exit_1_instead_of_restarting(tmp_path: Path) -> None:
+    # In a pod: exit, so the kubelet's back-off (CrashLoopBackOff) and the log show the cause.
+    done = subprocess.run(
+        [sys.executable, "-m", "router_runtime", "serve", "--config", str(missing_weights_config(tmp_path)),
+         "--workers", "2", "--host", "127.0.0.1", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "before it could serve" in done.stderr
+    assert "restarting" not in done.stderr and "Traceback" not in done.stderr
+    assert 1 <= done.stderr.count("cannot start the router: weights file") <= 2  # once per worker, never again
