@@ -25,6 +25,7 @@ from moe_operator.scaling.forecast import (
     Grid,
     ModelChoice,
     Seasonality,
+    confirmation_lag,
     forecast_peak,
     incumbent_model,
     peak_cap,
@@ -190,7 +191,9 @@ async def run_tick(
     if active:
         metrics.applied_min_replicas.labels(*labels).set(applied)
     capped = choice.uses_floor and predicted >= peak_cap(history)
-    message = forecast_message(choice, predicted, horizon, recommendation, capped)
+    # As the choice's own backtest confirmed it: on the history it was made from.
+    confirmation_seconds = confirmation_lag(state.choice_samples, grid) * grid.step_seconds
+    message = forecast_message(choice, predicted, horizon, recommendation, capped, confirmation_seconds)
     if pred.mode == "Active" and not active:
         message += "; autoscaling.enabled is false, so there is no HPA to hold the floor on"
     if not choice.uses_floor and history.size < grid.scorable_history:
@@ -201,9 +204,18 @@ async def run_tick(
 
 
 def forecast_message(
-    choice: ModelChoice, predicted: float, horizon: int, recommendation: int, capped: bool = False
+    choice: ModelChoice,
+    predicted: float,
+    horizon: int,
+    recommendation: int,
+    capped: bool = False,
+    confirmation_seconds: float = CONFIRMATION_SECONDS,
 ) -> str:
-    """The ``PredictionReady`` message of a tick that forecast: the floor, or why there is none."""
+    """The ``PredictionReady`` message of a tick that forecast: the floor, or why there is none.
+
+    ``confirmation_seconds``: how much of the newest history the confirming backtest left out
+    (``forecast.confirmation_lag``).
+    """
     if choice.uses_floor:
         cap = f" (capped at {PEAK_CAP:g}x the lookback's highest rate)" if capped else ""
         return (
@@ -211,9 +223,13 @@ def forecast_message(
             f"(backtest error {choice.error:.3f}, reactive {choice.baseline_error:.3f})"
         )
     if choice.pending is not None:
+        if confirmation_seconds >= CONFIRMATION_SECONDS:
+            earlier = f"{CONFIRMATION_SECONDS // 3600} h ago"
+        else:
+            earlier = f"{confirmation_seconds / 60:.0f} min ago (a quarter of the history, while it is under a day)"
         return (
-            f"{choice.pending} beat reactive scaling in this backtest but not in the one "
-            f"{CONFIRMATION_SECONDS // 3600} h ago: no floor until it is confirmed"
+            f"{choice.pending} beat reactive scaling in this backtest but not in the one {earlier}: "
+            "no floor until it is confirmed"
         )
     refused = choice.record(choice.refused) if choice.refused is not None else None
     if refused is not None:

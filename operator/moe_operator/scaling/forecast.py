@@ -242,7 +242,7 @@ class ModelChoice:
     error: float
     baseline_error: float
     origins: int
-    #: A model that passed the backtest now but not on the history of CONFIRMATION_SECONDS ago.
+    #: A model that passed the backtest now but not on the older history (``confirmation_lag``).
     pending: str | None = None
     #: Each scored model's long-run record, by name (the caller passes them to the next backtest).
     records: tuple[tuple[str, ModelRecord], ...] = ()
@@ -451,7 +451,8 @@ def select_model(
     """Pick the forecaster for this series (``backtest_model``), confirmed on older history.
 
     A model that wins now must also win on the history as it stood ``CONFIRMATION_SECONDS`` ago (the
-    backtest the controller ran then); otherwise the choice is ``REACTIVE`` with the model
+    backtest the controller ran then; while the history is under a day, without its newest quarter
+    instead: ``confirmation_lag``); otherwise the choice is ``REACTIVE`` with the model
     ``pending``. Evidence that appears in one window and not the next is most often luck.
 
     ``incumbent`` is the model the previous choice gave a floor (if any): trust is hysteretic. A new

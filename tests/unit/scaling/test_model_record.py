@@ -11,6 +11,7 @@ from moe_operator.scaling import simulate as simulate_module
 from moe_operator.scaling.controller import PredictiveState, _current_choice, forecast_message
 from moe_operator.scaling.forecast import (
     BURST_RESERVE,
+    LOCAL_TREND,
     REACTIVE,
     RECORD_HALF_LIFE_SECONDS,
     RECORD_KEEP_SCORE,
@@ -19,6 +20,7 @@ from moe_operator.scaling.forecast import (
     ModelRecord,
     backtest_model,
     backtest_span,
+    confirmation_lag,
     select_model,
 )
 from moe_operator.scaling.policy import HPA_TOLERANCE
@@ -113,6 +115,20 @@ def test_a_choice_awaiting_confirmation_keeps_the_records() -> None:
     choice = select_model(ramp, grid, end_seconds=END)
     assert choice.model == REACTIVE and choice.pending is not None
     assert choice.records and all(isinstance(record, ModelRecord) for _, record in choice.records)
+
+
+@pytest.mark.parametrize(
+    ("samples", "earlier"),
+    [(50, "65 min ago (a quarter of the history, while it is under a day)"), (600, "6 h ago"), (288, "6 h ago")],
+)
+def test_a_pending_model_is_said_to_lack_the_confirming_backtest_it_really_ran(samples: int, earlier: str) -> None:
+    grid = Grid.of(300.0, 900.0, lead_seconds=600.0)
+    pending = ModelChoice(REACTIVE, 1.0, 0, 0.2, 0.2, 40, pending=LOCAL_TREND)
+    lag_seconds = confirmation_lag(samples, grid) * grid.step_seconds
+    assert forecast_message(pending, 30.0, 900, 1, confirmation_seconds=lag_seconds) == (
+        f"local-trend beat reactive scaling in this backtest but not in the one {earlier}: "
+        "no floor until it is confirmed"
+    )
 
 
 def test_the_simulator_carries_each_choice_records_into_the_next_backtest(monkeypatch: pytest.MonkeyPatch) -> None:
