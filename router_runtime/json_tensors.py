@@ -5,7 +5,7 @@ numpy then reads them back: about 16 ms of CPU per request on the development VM
 document and hands the flat ``data`` array over as one buffer of doubles: about 5 ms. Only the plain case
 takes this path: one object without duplicate keys whose first input has a flat array of numbers as
 ``data``. Everything else (malformed or non-UTF-8 JSON, NaN literals, nested or mixed data, duplicate keys,
-numbers beyond float64) returns None, and the general decoder answers it exactly as before. Pure: bytes in,
+numbers beyond float32) returns None, and the general decoder answers it exactly as before. Pure: bytes in,
 Python objects and arrays out.
 """
 
@@ -73,8 +73,10 @@ def _split(root: Any) -> dict[str, Any] | None:
     values = np.frombuffer(data.as_buffer(of_type="d"), dtype=np.float64)
     if values.shape[0] != len(data):  # nested arrays are flattened: let the general decoder check their shape
         return None
-    with np.errstate(over="ignore"):  # beyond float32: Inf, refused later by the finiteness check
+    with np.errstate(over="ignore"):
         tokens = values.astype(np.float32)
+    if not np.isfinite(tokens).all():  # beyond float32: the general decoder names the value and the range
+        return None
     tensor = {key: _plain(first[key]) for key in tensor_keys if key != "data"} | {"data": tokens}
     document = {key: _plain(root[key]) for key in keys if key != "inputs"}
     document["inputs"] = [tensor, *(_plain(entry) for entry in list(inputs)[1:])]

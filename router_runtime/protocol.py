@@ -167,7 +167,32 @@ def _shape(tensor: Mapping[str, Any], input_dim: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _json_data(data: Any, count: int, shape: tuple[int, ...]) -> np.ndarray:
+#: The largest finite value of each accepted datatype, as the range errors quote it.
+_LARGEST = {"FP32": "3.40e38", "FP16": "65504", "BF16": "3.39e38"}
+_JSON_TYPES = {str: "string", bool: "boolean", type(None): "null", dict: "object"}
+
+
+def _non_number(data: list[Any], path: str = "") -> tuple[str, Any] | None:
+    """The position and value of the first element of (nested) ``data`` that is not a JSON number, if any.
+
+    numpy would read ``"1.0"`` and ``true`` as 1.0 and ``null`` as NaN; a tensor is numbers only. One
+    ``set(map(type, ...))`` per row keeps the common, all-numbers case at C speed.
+    """
+    kinds = set(map(type, data))
+    if kinds <= {int, float}:
+        return None
+    for index, value in enumerate(data):
+        kind = type(value)
+        if kind is list:
+            found = _non_number(value, f"{path}[{index}]")
+            if found is not None:
+                return found
+        elif kind is not int and kind is not float:
+            return f"{path}[{index}]", value
+    return None
+
+
+def _json_data(data: Any, count: int, shape: tuple[int, ...], datatype: str = "FP32") -> np.ndarray:
     if isinstance(data, np.ndarray):  # read by ``json_tensors``: flat float32 already
         array = data
         _require(
@@ -176,8 +201,15 @@ def _json_data(data: Any, count: int, shape: tuple[int, ...]) -> np.ndarray:
         )
         return array.reshape(-1, shape[-1])
     _require(isinstance(data, list), f"input {INPUT_NAME!r} needs 'data' as a JSON array of numbers")
+    found = _non_number(data)
+    if found is not None:
+        position, value = found
+        shown = json.dumps(value)
+        what = "null" if value is None else f"the JSON {_JSON_TYPES.get(type(value), 'value')} "
+        what += "" if value is None else shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ProtocolError(400, f"input {INPUT_NAME!r} data{position} is {what}: every element must be a number")
     try:
-        # Out-of-range numbers become inf here and are rejected by the finiteness check.
+        # Out-of-range numbers become inf here: told apart from a NaN/Inf below.
         with np.errstate(over="ignore"):
             array = np.asarray(data, dtype=np.float32)
     except (ValueError, TypeError, OverflowError):
@@ -188,6 +220,15 @@ def _json_data(data: Any, count: int, shape: tuple[int, ...]) -> np.ndarray:
         array.size == count,
         f"input {INPUT_NAME!r} data holds {array.size} values but shape {list(shape)} needs {count}",
     )
+    if not np.isfinite(array).all():  # JSON numbers are finite: beyond float32 (Python's NaN literals aside)
+        wide = np.asarray(data, dtype=np.float64)
+        overflow = np.isinf(array) & np.isfinite(wide)
+        if overflow.any():
+            raise ProtocolError(
+                400,
+                f"input {INPUT_NAME!r} holds {float(wide[overflow][0]):g}, outside the {datatype} range "
+                f"(largest finite value {_LARGEST[datatype]})",
+            )
     return array.reshape(-1, shape[-1])
 
 
@@ -262,7 +303,7 @@ def decode_infer_request(
         array = np.frombuffer(body, dtype=storage, count=count, offset=header_length).reshape(-1, shape[-1])
     else:
         _require("data" in tensor, f"input {INPUT_NAME!r} needs 'data' (or binary_data_size with the binary extension)")
-        array = _as_datatype(_json_data(tensor["data"], count, shape), datatype)
+        array = _as_datatype(_json_data(tensor["data"], count, shape, datatype), datatype)
     if check_finite:
         error = non_finite_error(array)
         if error is not None:
@@ -292,7 +333,7 @@ def _as_datatype(values: np.ndarray, datatype: str) -> np.ndarray:
     infinite = bf16_non_finite(held) if datatype == "BF16" else ~np.isfinite(held)
     overflow = infinite & np.isfinite(values)
     if overflow.any():
-        largest = "65504" if datatype == "FP16" else "3.39e38"
+        largest = _LARGEST[datatype]
         raise ProtocolError(
             400,
             f"input {INPUT_NAME!r} holds {float(values[overflow][0]):g}, outside the {datatype} range "

@@ -109,7 +109,7 @@ def test_requested_output_subset_is_all_that_is_returned(server_url: str) -> Non
         (hidden([0, 16], []), "empty tensor"),
         (hidden([32], [0.0] * 32), "wrong shape"),
         (hidden([1, 16], [float("nan")] + [0.0] * 15), "NaN or Inf"),
-        (hidden([1, 16], ["a"] * 16), "array of numbers"),
+        (hidden([1, 16], ["a"] * 16), 'data[0] is the JSON string "a": every element must be a number'),
         ({"inputs": []}, "non-empty 'inputs'"),
         ({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0] * 16}]}, "unknown input 'x'"),
         (hidden([1, 16], [0.0] * 16) | {"outputs": [{"name": "logits"}]}, "unknown output 'logits'"),

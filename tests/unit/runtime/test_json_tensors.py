@@ -94,7 +94,10 @@ def test_what_is_not_the_plain_case_is_left_to_the_general_decoder(body: bytes) 
     [
         (tensor("[[0, 1], [2]]"), "array of numbers"),
         (tensor("[0, 1, 2]"), "holds 3 values"),
-        (tensor("[0, 1, 2, 3, 4, 5, 6, 1e39]"), "NaN or Inf"),
+        (tensor("[0, 1, 2, 3, 4, 5, 6, 1e39]"), r"holds 1e\+39, outside the FP32 range"),
+        (tensor('[0, 1, 2, 3, 4, 5, 6, "1.0"]'), r'data\[7\] is the JSON string "1.0": every element must be a number'),
+        (tensor("[0, 1, 2, 3, 4, 5, 6, true]"), r"data\[7\] is the JSON boolean true"),
+        (tensor("[0, 1, 2, 3, 4, 5, 6, null]"), r"data\[7\] is null"),
         (tensor("[0, 1, 2, 3, 4, 5, 6, NaN]"), "NaN or Inf"),
         (tensor("[0, 1, 2, 3, 4, 5, 6, 7]", ', "id": 5'), "'id' must be a string"),
         (b'{"inputs": [{"data": [1, 2', "malformed JSON"),

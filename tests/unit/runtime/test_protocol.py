@@ -83,7 +83,11 @@ def test_per_output_binary_flag_is_honoured() -> None:
         (request([101, 4], [0] * 404), 413, "too many tokens"),
         (request([2, 4], [0] * 7), 400, "holds 7 values"),
         (request([2, 4], [[0, 1], [2]]), 400, "array of numbers"),
-        (request([1, 4], [1e39, 0, 0, 0]), 400, "NaN or Inf"),
+        (request([1, 4], [1e39, 0, 0, 0]), 400, "holds 1e+39, outside the FP32 range (largest finite value 3.40e38)"),
+        (request([1, 4], [0, "1.0", 0, 0]), 400, 'data[1] is the JSON string "1.0": every element must be a number'),
+        (request([1, 4], [0, 0, True, 0]), 400, "data[2] is the JSON boolean true"),
+        (request([1, 4], [None, 0, 0, 0]), 400, "data[0] is null"),
+        (request([2, 4], [[0, 1, 2, 3], [0, {"a": 1}, 2, 3]]), 400, 'data[1][1] is the JSON object {"a": 1}'),
         (request([1, 4], [float("nan"), 0, 0, 0]), 400, "NaN or Inf"),  # a NaN literal: not strict JSON
         (b'{"inputs": [1, 2}', 400, "malformed JSON: Expecting ',' delimiter at line 1 column 17"),
         (request([1, 4], [0] * 4, outputs=[{"name": "logits"}]), 400, "unknown output 'logits'"),
@@ -230,6 +234,15 @@ def test_a_json_value_the_datatype_cannot_hold_is_named(datatype: str, value: fl
         decode(json.dumps({"inputs": [tensor]}).encode())
     with pytest.raises(ValueError, match=re.escape(fragment)):  # the client refuses to send it in binary
         encode_request(np.array([[1.0, value, 0.0, 0.0]], np.float32), binary=True, datatype=datatype)
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP16", "BF16"])
+def test_a_json_value_beyond_float32_is_named_with_the_datatypes_range(datatype: str) -> None:
+    largest = {"FP32": "3.40e38", "FP16": "65504", "BF16": "3.39e38"}[datatype]
+    tensor = {"name": "hidden_states", "shape": [1, 4], "datatype": datatype, "data": [1.0, -1e39, 0.0, 0.0]}
+    expected = f"holds -1e+39, outside the {datatype} range (largest finite value {largest})"
+    with pytest.raises(ProtocolError, match=re.escape(expected)):
+        decode(json.dumps({"inputs": [tensor]}).encode())
 
 
 def test_a_16_bit_binary_size_must_match_its_datatype() -> None:
