@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from moe_operator.api import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, MoERouterSpec, MoERouterStatus
 from moe_operator.labels import OPERATOR_NAME, PART_OF_LABEL
@@ -88,13 +89,14 @@ def _with_object_default(node: Schema) -> Schema:
 NAME_PATTERN = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
 
 
-def _model_schema(model: type[MoERouterSpec] | type[MoERouterStatus]) -> Schema:
+def model_schema(model: type[BaseModel]) -> Schema:
+    """A model's structural schema (wire names), as the CRD holds it."""
     raw = model.model_json_schema(by_alias=True, mode="validation")
     return structural(raw, raw.get("$defs", {}))
 
 
 def openapi_schema() -> Schema:
-    status = _model_schema(MoERouterStatus)
+    status = model_schema(MoERouterStatus)
     status[_PRESERVE] = True  # status may carry fields of newer operator versions
     return {
         "type": "object",
@@ -113,7 +115,7 @@ def openapi_schema() -> Schema:
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
-            "spec": {**_model_schema(MoERouterSpec), "default": {}},
+            "spec": {**model_schema(MoERouterSpec), "default": {}},
             "status": status,
         },
     }

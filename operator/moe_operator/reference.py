@@ -9,7 +9,8 @@ import json
 import sys
 from typing import Any
 
-from moe_operator.crd import openapi_schema
+from moe_operator.crd import model_schema, openapi_schema
+from router_runtime.config import CONFIG_FILE_NAME, ServerConfig
 
 Schema = dict[str, Any]
 
@@ -50,12 +51,12 @@ def _constraints(node: Schema) -> str:
     if "pattern" in node:
         parts.append(f"pattern `{node['pattern']}`")
     for rule in node.get("x-kubernetes-validations", []):
-        parts.append(f"CEL: `{_table_cell(rule['rule'])}`")
+        parts.append(f"CEL: `{rule['rule']}`")
     return "; ".join(parts)
 
 
 def _table_cell(text: str) -> str:
-    """A pipe splits a Markdown table cell even inside a code span (CEL's ``||``): escape it."""
+    """A pipe splits a Markdown table cell even inside a code span (CEL's ``||``, a pattern's ``a|b``)."""
     return text.replace("|", "\\|")
 
 
@@ -67,15 +68,51 @@ def _default(node: Schema) -> str:
 
 def _rows(node: Schema, path: str) -> list[str]:
     description = _table_cell(" ".join(str(node.get("description", "")).split()))
-    rows = [f"| `{path}` | {_type_of(node)} | {_default(node)} | {_constraints(node)} | {description} |"]
+    constraints = _table_cell(_constraints(node))
+    rows = [f"| `{path}` | {_type_of(node)} | {_default(node)} | {constraints} | {description} |"]
     for name, child in node.get("properties", {}).items():
         rows.extend(_rows(child, f"{path}.{name}"))
     return rows
 
 
+#: The ``server`` keys of router.yaml the operator renders from a MoERouter (``children.runtime_file_config``).
+SERVER_KEYS_FROM_SPEC = {
+    "port": "`spec.runtime.port`",
+    "batching": "`spec.runtime.batching`",
+    "maxRequestTokens": "`spec.runtime.maxRequestTokens`",
+    "shutdownGraceSeconds": "`spec.runtime.terminationGracePeriodSeconds` less the preStop sleep and a 5 s margin",
+    "workers": "`spec.runtime.workers`",
+}
+
+RUNTIME_FILE_HEADER = f"""
+## {CONFIG_FILE_NAME}: the runtime's own file
+
+The runtime reads one YAML file (`moe-router serve --config {CONFIG_FILE_NAME}`; in a pod, the one the
+operator renders into the router's ConfigMap), with two sections: `router`, the same schema as
+`spec.router` above, and `server`:
+
+| field | type | default | constraints | description |
+|---|---|---|---|---|
+"""
+
+
+def _server_keys_note(server: Schema) -> str:
+    rendered = [f"`server.{key}` from {source}" for key, source in SERVER_KEYS_FROM_SPEC.items()]
+    defaults = [f"`server.{key}`" for key in server["properties"] if key not in SERVER_KEYS_FROM_SPEC]
+    return (
+        f"\nIn a MoERouter's ConfigMap the operator sets {', '.join(rendered)}; "
+        f"{' and '.join(defaults)} keep their defaults.\n"
+    )
+
+
 def reference_markdown() -> str:
     spec = openapi_schema()["properties"]["spec"]
-    return HEADER + "\n".join(_rows(spec, "spec")) + "\n"
+    server = model_schema(ServerConfig)
+    return (
+        HEADER + "\n".join(_rows(spec, "spec")) + "\n"
+        + RUNTIME_FILE_HEADER + "\n".join(_rows(server, "server")) + "\n"
+        + _server_keys_note(server)
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +183,26 @@ def test_configuration_reference_is_up_to_date() -> None:
     )
     for field in ("spec.router.strategy", "spec.autoscaling.predictive.mode", "spec.runtime.apiKeySecretRef"):
         assert f"`{field}`" in expected
+    for key in ("host", "port", "batching.maxQueueRequests", "maxBodyBytes", "shutdownGraceSeconds", "workers"):
+        assert f"| `server.{key}` |" in expected
+
+
+def test_the_reference_names_every_server_key_the_operator_renders_from_the_spec() -> None:
+    from moe_operator.children import runtime_file_config
+    from moe_operator.reference import SERVER_KEYS_FROM_SPEC
+
+    runtime = {
+        "port": 9000, "batching": {"maxBatchTokens": 99}, "maxRequestTokens": 77,
+        "terminationGracePeriodSeconds": 100, "workers": 3,
+    }
+    default = runtime_file_config(MoERouterSpec()).to_wire()["server"]
+    changed = runtime_file_config(parse_spec({"runtime": runtime})).to_wire()["server"]
+    assert {key for key in default if changed[key] != default[key]} == set(SERVER_KEYS_FROM_SPEC)
+
+
+def test_pipes_in_the_reference_never_split_a_table_cell() -> None:
+    from moe_operator.reference import reference_markdown
+
+    for row in reference_markdown().splitlines():
+        if row.startswith("| `"):
+            assert len(re.split(r"(?<!\\)\|", row)) == 7, row
