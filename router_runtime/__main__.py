@@ -117,16 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(handler=_serve)
     send = commands.add_parser("route", help="route random tokens through a server and print statistics")
-    send.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
-    send.add_argument("--model", default="moe-router", help="model name")
-    send.add_argument("--tokens", type=_token_count, default=256, help="number of tokens to send")
-    send.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
+    send.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL (default: %(default)s)")
+    send.add_argument("--model", default="moe-router", help="model name (default: %(default)s)")
+    send.add_argument("--tokens", type=_token_count, default=256, help="tokens to send (default: %(default)s)")
+    send.add_argument("--seed", type=int, default=0, help="seed of the random tokens (default: %(default)s)")
     send.add_argument("--json", action="store_true", help="send JSON tensors instead of the binary extension")
     send.add_argument(
         "--datatype",
         default="FP32",
         choices=["FP32", "FP16", "BF16"],
-        help="datatype the tokens are sent as (16 bits halve the bytes)",
+        help="datatype the tokens are sent as; 16 bits halve the bytes (default: %(default)s)",
     )
     send.add_argument("--api-key", help="API key (default: $MOE_ROUTER_API_KEY or $MOE_ROUTER_API_KEY_FILE)")
     send.set_defaults(handler=_route)

@@ -40,6 +40,7 @@ from router_runtime.process import resolve_api_key as resolve_api_key
 from router_runtime.process import usable_cpus
 from router_runtime.protocol import (
     HEADER_LENGTH,
+    INPUT_DATATYPES,
     INPUT_NAME,
     OUTPUT_COUNTS,
     OUTPUT_INDICES,
@@ -428,6 +429,8 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
                     "num_experts": router_config.num_experts,
                     "min_experts": router_config.min_experts,
                     "max_experts": k_max,
+                    # The tensor metadata has room for one datatype: FP32, and the 16-bit ones also taken.
+                    "input_datatypes": list(INPUT_DATATYPES),
                 },
             }
         )

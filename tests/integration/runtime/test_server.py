@@ -39,6 +39,7 @@ def test_model_metadata_describes_input_and_outputs(server_url: str) -> None:
     meta = httpx.get(server_url + "/v2/models/tiny").json()
     assert meta["inputs"] == [{"name": "hidden_states", "datatype": "FP32", "shape": [-1, 16]}]
     assert [o["name"] for o in meta["outputs"]] == ["expert_indices", "expert_weights", "num_experts", "moe_output"]
+    assert meta["parameters"]["input_datatypes"] == ["FP32", "FP16", "BF16"]  # the 16-bit ones are taken too
 
 
 def test_json_request_returns_routing_outputs(server_url: str) -> None:
