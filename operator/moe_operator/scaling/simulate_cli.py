@@ -1,12 +1,14 @@
 """``moe-operator simulate``: replay a traffic trace through the reactive HPA or the predictive policy.
 
-    moe-operator simulate --trace FILE --capacity-per-replica C --startup-delay S \\
-        --target-utilization U --min-replicas A --max-replicas B --policy reactive|predictive \\
-        [--schedule-out FILE.csv] [--plot FILE.png] [--json]
+    moe-operator simulate --trace FILE [--trace-format rate|counts|requests] [--bin-seconds B] \\
+        --capacity-per-replica C --startup-delay S --target-utilization U --min-replicas A \\
+        --max-replicas B --policy reactive|predictive [--horizon H] [--seasonality auto|daily|weekly|none] \\
+        [--step S] [--interval S] [--lookback S] [--schedule-out FILE.csv] [--plot FILE.png] [--json]
 
 ``FILE`` is ``timestamp,value`` with value in requests/s; ``--trace-format counts`` reads a
 count-per-step file (NAB) and ``--trace-format requests`` a per-request log (Azure) directly.
-Metrics are printed for the chosen policy and, for comparison, for the other one.
+Both policies always run: ``--policy`` picks the row printed first and the schedule ``--schedule-out``
+writes.
 """
 
 from __future__ import annotations
