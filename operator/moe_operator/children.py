@@ -456,34 +456,37 @@ def desired_service_monitor(owner: Owner, spec: MoERouterSpec) -> Manifest:
 
 
 def desired_prometheus_rule(owner: Owner, spec: MoERouterSpec) -> Manifest:
-    """Alerts scoped to this router's series; thresholds match the fleet rules in monitoring/rules/."""
+    """Alerts scoped to this router's series; thresholds and severities match the fleet rules in monitoring/rules/.
+
+    Every alert aggregates ``by (namespace, moerouter)`` so that same-named routers in two namespaces raise
+    alerts with distinct label sets (Alertmanager would merge identical ones).
+    """
     scope = f'namespace="{owner.namespace}",moerouter="{owner.name}"'
-    labels = {"severity": "warning", "moerouter": owner.name}
+    by_router = "by (namespace, moerouter)"
+    router = f"MoERouter {owner.namespace}/{owner.name}"
     rules = [
         {
             "alert": "MoERouterHighErrorRate",
-            "expr": f'sum(rate(moe_router_requests_total{{{scope},code=~"5.."}}[5m])) '
-            f"/ sum(rate(moe_router_requests_total{{{scope}}}[5m])) > 0.05",
+            "expr": f'sum {by_router} (rate(moe_router_requests_total{{{scope},code=~"5.."}}[5m])) '
+            f"/ sum {by_router} (rate(moe_router_requests_total{{{scope}}}[5m])) > 0.05",
             "for": "5m",
-            "labels": labels,
-            "annotations": {"summary": f"MoERouter {owner.namespace}/{owner.name}: over 5% of requests fail"},
+            "labels": {"severity": "critical"},
+            "annotations": {"summary": f"{router}: over 5% of requests fail"},
         },
         {
             "alert": "MoERouterHighLatencyP95",
-            "expr": "histogram_quantile(0.95, sum by (le) "
+            "expr": "histogram_quantile(0.95, sum by (namespace, moerouter, le) "
             f"(rate(moe_router_request_duration_seconds_bucket{{{scope}}}[5m]))) > 0.5",
             "for": "10m",
-            "labels": labels,
-            "annotations": {"summary": f"MoERouter {owner.namespace}/{owner.name}: p95 latency above 500 ms"},
+            "labels": {"severity": "warning"},
+            "annotations": {"summary": f"{router}: p95 latency above 500 ms"},
         },
         {
             "alert": "MoERouterExpertLoadImbalance",
-            "expr": f"max(moe_router_load_cv{{{scope}}}) > 0.5",
+            "expr": f"max {by_router} (moe_router_load_cv{{{scope}}}) > 0.5",
             "for": "15m",
-            "labels": labels,
-            "annotations": {
-                "summary": f"MoERouter {owner.namespace}/{owner.name}: expert load coefficient of variation > 0.5"
-            },
+            "labels": {"severity": "warning"},
+            "annotations": {"summary": f"{router}: expert load coefficient of variation > 0.5"},
         },
     ]
     return _child(
