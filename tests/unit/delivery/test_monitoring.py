@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from moe_operator.api import parse_spec
+from moe_operator.children import Owner, desired_prometheus_rule
 from tests.unit.delivery.support import ROOT
 
 RULES = ROOT / "monitoring" / "rules" / "moe-router.rules.yaml"
@@ -177,4 +179,82 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     rule_file = tmp_path / "dashboard-queries.yaml"
     rule_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = run_promtool("check", "rules", str(rule_file), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+#: A grouping clause of a PromQL aggregation: ``by (a, b)``.
+GROUPING = re.compile(r"\bby\s*\(([^)]*)\)")
+
+
+def test_dashboard_never_merges_same_named_routers_of_two_namespaces() -> None:
+    for title, targets in ((panel["title"], panel.get("targets", [])) for panel in dashboard()["panels"]):
+        for target in targets:
+            for clause in GROUPING.findall(target["expr"]):
+                labels = {label.strip() for label in clause.split(",")}
+                assert "moerouter" not in labels or "namespace" in labels, f"{title}: by ({clause})"
+            legend = target.get("legendFormat", "")
+            assert "{{moerouter}}" not in legend or "{{namespace}}/{{moerouter}}" in legend, f"{title}: {legend}"
+
+
+def per_router_rule_groups(*namespaces: str, name: str = "llm-router") -> list[dict[str, Any]]:
+    """The groups of the PrometheusRule the operator renders for a router ``name`` in each namespace."""
+    spec = parse_spec({"monitoring": {"prometheusRule": True}})
+    return [
+        group
+        for namespace in namespaces
+        for group in desired_prometheus_rule(Owner(name, namespace, f"uid-{namespace}"), spec)["spec"]["groups"]
+    ]
+
+
+def test_per_router_alerts_have_the_fleet_rules_severity_and_for() -> None:
+    fleet = {
+        rule["alert"]: rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
+    }
+    for rule in (rule for group in per_router_rule_groups("ml") for rule in group["rules"]):
+        assert rule["labels"]["severity"] == fleet[rule["alert"]]["labels"]["severity"], rule["alert"]
+        assert rule["for"] == fleet[rule["alert"]]["for"], rule["alert"]
+
+
+@needs_promtool
+def test_per_router_alerts_of_same_named_routers_in_two_namespaces_stay_apart(tmp_path: Path) -> None:
+    groups = per_router_rule_groups("team-a", "team-b")
+    (tmp_path / "per-router.rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    series = [
+        {
+            "series": f'{metric}{{namespace="{namespace}",moerouter="llm-router",pod="{namespace}-1"{extra}}}',
+            "values": values,
+        }
+        for namespace in ("team-a", "team-b")
+        for metric, extra, values in (
+            ("moe_router_requests_total", ',code="500"', "0+60x30"),
+            ("moe_router_requests_total", ',code="200"', "0+60x30"),
+            ("moe_router_request_duration_seconds_bucket", ',le="0.1"', "0x30"),
+            ("moe_router_request_duration_seconds_bucket", ',le="1"', "0+60x30"),
+            ("moe_router_request_duration_seconds_bucket", ',le="+Inf"', "0+60x30"),
+            ("moe_router_load_cv", "", "0.9x30"),
+        )
+    ]
+    severities = {
+        "MoERouterHighErrorRate": "critical",
+        "MoERouterHighLatencyP95": "warning",
+        "MoERouterExpertLoadImbalance": "warning",
+    }
+    fired: dict[str, list[dict[str, Any]]] = {alert: [] for alert in severities}
+    for namespace, group in zip(("team-a", "team-b"), groups, strict=True):
+        for rule in group["rules"]:
+            labels = {"severity": severities[rule["alert"]], "namespace": namespace, "moerouter": "llm-router"}
+            fired[rule["alert"]].append({"exp_labels": labels, "exp_annotations": rule["annotations"]})
+    cases = [{"eval_time": "25m", "alertname": alert, "exp_alerts": alerts} for alert, alerts in fired.items()]
+    test_file = tmp_path / "per-router.test.yaml"
+    test_file.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": ["per-router.rules.yaml"],
+                "evaluation_interval": "1m",
+                "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": cases}],
+            },
+            sort_keys=False,
+        )
+    )
+    result = run_promtool("test", "rules", test_file.name, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
