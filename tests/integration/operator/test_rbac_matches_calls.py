@@ -24,6 +24,10 @@ Permission = tuple[str, str, str]  # (apiGroup, resource, verb)
 NOT_EXERCISED: dict[Permission, str] = {
     ("", "events", "patch"): "kopf patches an event only to aggregate repeats of the same one",
     ("moerouter.io", "moerouters/status", "get"): "status is read with the object; kept for kubectl-like tools",
+    ("moerouter.io", "moerouters/finalizers", "update"): (
+        "no API call: OwnerReferencesPermissionEnforcement (OpenShift) checks it when a child's owner reference "
+        "sets blockOwnerDeletion"
+    ),
 }
 
 

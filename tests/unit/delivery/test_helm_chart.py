@@ -64,6 +64,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 OPERATOR_CALLS = {
     *{("moerouter.io", "moerouters", verb) for verb in ("get", "list", "watch", "patch")},
     *{("moerouter.io", "moerouters/status", verb) for verb in ("get", "patch")},
+    # blockOwnerDeletion on the children's owner references, under OwnerReferencesPermissionEnforcement (OpenShift).
+    ("moerouter.io", "moerouters/finalizers", "update"),
     *{
         (group, resource, verb)
         for group, resource in (("", "configmaps"), ("", "services"), ("apps", "deployments"))
