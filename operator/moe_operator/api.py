@@ -63,7 +63,13 @@ class ResourceRequirements(CamelModel):
 class RuntimeSpec(CamelModel):
     """How the router runtime pods run."""
 
-    image: str = Field(DEFAULT_RUNTIME_IMAGE, min_length=1, description="Router runtime image.")
+    image: str | None = Field(
+        None,
+        min_length=1,
+        description="Router runtime image. Default: the runtime of the operator's own release "
+        f"({DEFAULT_RUNTIME_IMAGE} for this one), so an operator upgrade moves routers that leave it unset to "
+        "the matching runtime; set it to pin one.",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = Field(default_factory=list, description="Names of image pull Secrets.")
     port: int = Field(8080, ge=1024, le=65535, description="Container port of the HTTP API (non-root).")

@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_operator.api import API_VERSION, GROUP, KIND, MoERouterSpec
+import yaml
+
+from moe_operator.api import API_VERSION, DEFAULT_RUNTIME_IMAGE, GROUP, KIND, MoERouterSpec
 from moe_operator.labels import (
     CONFIG_HASH_ANNOTATION,
     common_labels,
@@ -171,6 +173,27 @@ def runtime_file_config(spec: MoERouterSpec) -> RuntimeFileConfig:
     return RuntimeFileConfig(router=spec.router, server=server)
 
 
+#: Server keys the Deployment is built around (container port, termination grace): written whatever their value.
+_PINNED_SERVER_KEYS = ("port", "shutdownGraceSeconds")
+
+
+def router_yaml(spec: MoERouterSpec) -> str:
+    """The ConfigMap's ``router.yaml``: what differs from the runtime's defaults, plus the pinned server keys.
+
+    The API server stores every CRD default in each object, and the operator would render each field the
+    schema has. Left at that, a release that adds a field (at its default) would change every router's
+    config hash at once: a fleet-wide roll on an operator upgrade, and pods of an older runtime image
+    (which refuses keys it does not know) handed a key they cannot read. Written this way a field appears
+    only once a router sets it to something else, and an unchanged spec renders the same file release
+    after release.
+    """
+    config = runtime_file_config(spec)
+    wire = config.model_dump(by_alias=True, mode="json", exclude_none=True, exclude_defaults=True)
+    server = config.server.to_wire()
+    wire["server"] = {**wire.get("server", {}), **{key: server[key] for key in _PINNED_SERVER_KEYS}}
+    return yaml.safe_dump(wire, sort_keys=True)
+
+
 def config_hash(config_yaml: str) -> str:
     """Short digest of the rendered config; a change rolls the pods through the template annotation."""
     return hashlib.sha256(config_yaml.encode("utf-8")).hexdigest()[:16]
@@ -213,7 +236,7 @@ def _child(resource: ChildResource, metadata: Manifest, **body: Any) -> Manifest
 
 def desired_config_map(owner: Owner, spec: MoERouterSpec) -> Manifest:
     """The router.yaml, immutable under a name that carries its hash: a change makes a new ConfigMap."""
-    config_yaml = runtime_file_config(spec).to_yaml()
+    config_yaml = router_yaml(spec)
     return _child(
         CONFIG_MAP,
         _metadata(owner, config_map_name(owner.name, config_yaml)),
@@ -263,7 +286,7 @@ def _runtime_container(spec: MoERouterSpec) -> Manifest:
     startup_period = 10
     return {
         "name": CONTAINER_NAME,
-        "image": runtime.image,
+        "image": runtime.image or DEFAULT_RUNTIME_IMAGE,
         "imagePullPolicy": runtime.image_pull_policy,
         "args": ["serve", "--config", CONFIG_PATH],
         "ports": [{"name": PORT_NAME, "containerPort": runtime.port, "protocol": "TCP"}],
@@ -295,7 +318,7 @@ def _runtime_container(spec: MoERouterSpec) -> Manifest:
 
 def desired_deployment(owner: Owner, spec: MoERouterSpec) -> Manifest:
     runtime = spec.runtime
-    config_yaml = runtime_file_config(spec).to_yaml()
+    config_yaml = router_yaml(spec)
     pod_labels = {**runtime.pod_labels, **common_labels(owner.name)}
     pod_annotations = {
         "prometheus.io/scrape": "true",

@@ -24,6 +24,11 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 #: Keys of JSON Schema that a structural CRD schema does not accept (or that add noise).
 _DROPPED_KEYS = {"title", "additionalProperties", "$defs", "examples"}
 _PRESERVE = "x-kubernetes-preserve-unknown-fields"
+#: Annotations that keep Argo CD and Flux from deleting or pruning the CRD (and with it every router).
+KEEP_CRD_ANNOTATIONS = {
+    "argocd.argoproj.io/sync-options": "Delete=false,Prune=false",
+    "kustomize.toolkit.fluxcd.io/prune": "disabled",
+}
 
 
 def _resolve(schema: Schema, definitions: Schema) -> Schema:
@@ -125,7 +130,13 @@ def custom_resource_definition() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME, "labels": {PART_OF_LABEL: OPERATOR_NAME}},
+        "metadata": {
+            "name": CRD_NAME,
+            "labels": {PART_OF_LABEL: OPERATOR_NAME},
+            # Deleting the CRD deletes every MoERouter and, through them, every router: GitOps tools must not
+            # do it on their own when an Application or Kustomization is pruned or deleted (docs/gitops.md).
+            "annotations": dict(KEEP_CRD_ANNOTATIONS),
+        },
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from moe_operator.api import parse_spec
+from moe_operator.api import DEFAULT_RUNTIME_IMAGE, MoERouterSpec, parse_spec
 from moe_operator.children import (
     CHILD_RESOURCES,
     CONFIG_MAP,
@@ -22,6 +22,7 @@ from moe_operator.children import (
     desired_network_policy,
     is_config_map_name,
     mounted_config_maps,
+    router_yaml,
     runtime_file_config,
 )
 from moe_operator.labels import CONFIG_HASH_ANNOTATION, selector_labels
@@ -138,6 +139,30 @@ def test_config_map_holds_the_config_the_runtime_reads_back() -> None:
     assert loaded.router == spec.router
     assert loaded.server.port == 9000
     assert loaded == runtime_file_config(spec)
+
+
+def test_router_yaml_holds_what_differs_from_the_defaults_and_the_server_keys_the_pods_rely_on() -> None:
+    assert yaml.safe_load(router_yaml(parse_spec({}))) == {"server": {"port": 8080, "shutdownGraceSeconds": 20.0}}
+    rendered = yaml.safe_load(router_yaml(parse_spec({"router": {"topP": 0.8, "experts": {"enabled": True}}})))
+    assert rendered["router"] == {"topP": 0.8, "experts": {"enabled": True}}
+
+
+def test_a_field_at_its_default_renders_as_if_absent_so_a_new_defaulted_field_rolls_no_pods() -> None:
+    # The API server stores every CRD default in each object: a release that adds a field hands it to every
+    # router at once. At its default it must not change the file, its hash, or reach an older runtime image.
+    stored_with_defaults = MoERouterSpec().to_wire()  # what the API server holds for an empty spec
+    assert stored_with_defaults["router"]["device"] == "auto"
+    assert router_yaml(parse_spec(stored_with_defaults)) == router_yaml(parse_spec({}))
+    assert "device" not in router_yaml(parse_spec(stored_with_defaults))
+
+
+def test_the_runtime_image_defaults_to_the_operators_release_and_a_set_one_is_used() -> None:
+    def image(wire: dict[str, Any]) -> str:
+        deployment = desired_deployment(OWNER, parse_spec(wire))
+        return str(deployment["spec"]["template"]["spec"]["containers"][0]["image"])
+
+    assert image({}) == DEFAULT_RUNTIME_IMAGE
+    assert image({"runtime": {"image": "registry.local/router-runtime:0.0.9"}}) == "registry.local/router-runtime:0.0.9"
 
 
 def config_map_and_deployment(wire: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

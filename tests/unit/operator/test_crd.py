@@ -169,6 +169,22 @@ def test_api_server_defaults_equal_the_model_defaults(crd: dict[str, Any]) -> No
     assert defaulted["spec"]["router"]["strategy"] == MoERouterSpec().router.strategy
 
 
+def test_the_runtime_image_is_not_stored_by_defaulting_so_it_follows_the_operators_release(
+    crd: dict[str, Any],
+) -> None:
+    # A CRD default is written into every object on create: the image would stay pinned across upgrades.
+    from tests.support.crd_validation import apply_defaults, crd_schema
+
+    defaulted = apply_defaults({"spec": {}}, crd_schema(crd, "v1alpha1"))
+    assert "image" not in defaulted["spec"]["runtime"]
+
+
+def test_gitops_tools_are_told_not_to_delete_or_prune_the_crd(crd: dict[str, Any]) -> None:
+    annotations = crd["metadata"]["annotations"]
+    assert annotations["argocd.argoproj.io/sync-options"] == "Delete=false,Prune=false"
+    assert annotations["kustomize.toolkit.fluxcd.io/prune"] == "disabled"
+
+
 def test_defaulted_empty_spec_is_accepted(crd: dict[str, Any]) -> None:
     router = {"apiVersion": "moerouter.io/v1alpha1", "kind": "MoERouter", "metadata": {"name": "r"}}
     assert validate_custom_object(copy.deepcopy(router), crd) == []
