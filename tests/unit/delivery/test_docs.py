@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
+from itertools import pairwise
 
 import yaml
 
@@ -142,3 +144,29 @@ def test_rendered_manifests_written_for_git_leave_out_owner_references() -> None
         args = parser.parse_args(shlex.split(command.partition(">")[0])[2:])
         assert args.owner_references is False, f"{name}: {command}"
         assert (ROOT / args.filename).is_file(), f"{name}: {command}"
+
+
+def test_gitops_doc_names_every_field_manager_and_the_finalizer() -> None:
+    from moe_operator.labels import FIELD_MANAGER, FINALIZER, HANDOVER_FIELD_MANAGER
+
+    gitops = (DOCS / "gitops.md").read_text()
+    for name in (FIELD_MANAGER, HANDOVER_FIELD_MANAGER, "kopf", FINALIZER):
+        assert f"`{name}`" in gitops, name
+
+
+def test_gitops_doc_shows_every_annotation_the_crd_carries() -> None:
+    crd = yaml.safe_load((ROOT / "crds" / "moerouter.io_moerouters.yaml").read_text())
+    gitops = (DOCS / "gitops.md").read_text()
+    for key, value in (crd["metadata"].get("annotations") or {}).items():
+        assert f"{key}: {value}" in gitops, key
+
+
+def test_every_finalizer_removal_shown_removes_the_finalizers_of_a_moerouter() -> None:
+    from moe_operator.labels import FINALIZER
+
+    patches = [(name, command) for name, command in commands("kubectl patch moer") if "finalizers" in command]
+    assert {name for name, _ in patches} >= {"gitops.md", "install.md"}
+    for name, command in patches:
+        (patch,) = [json.loads(arg) for previous, arg in pairwise(shlex.split(command)) if previous == "-p"]
+        assert patch == [{"op": "remove", "path": "/metadata/finalizers"}], f"{name}: {command}"
+    assert FINALIZER in (DOCS / "gitops.md").read_text()
