@@ -155,7 +155,8 @@ def desired_status(
     """The whole status (wire form) from what was observed; other conditions and prediction are kept.
 
     While no forecast runs (predictive mode Off, or autoscaling disabled) ``prediction`` is set to None
-    (removed by the merge patch) so no stale prediction stays in the status and the printer column.
+    (removed by the merge patch) so no stale prediction stays in the status and the printer column; in
+    ForecastOnly mode its ``appliedMinReplicas`` is removed (no floor is held).
     """
     rollout = _Rollout.of(deployment) if deployment is not None else None
     conditions = [dict(condition) for condition in current.get("conditions") or []]
@@ -196,11 +197,37 @@ def desired_status(
     }
     if not forecasting and "prediction" in current:
         status["prediction"] = None  # a merge patch removes it: nothing keeps it current any more
+    elif spec is not None and spec.autoscaling.predictive.mode != "Active" and current.get("prediction"):
+        # ForecastOnly holds no floor: a floor left from Active mode would read as applied (and be applied
+        # again by a switch back to Active before the first forecast).
+        status["prediction"] = {
+            key: value for key, value in current["prediction"].items() if key != "appliedMinReplicas"
+        }
     if generation is not None:
         status["observedGeneration"] = generation
     return status
 
 
 def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    """A merge patch of the keys whose values differ; ``{}`` means no write is needed."""
-    return {key: value for key, value in desired.items() if current.get(key) != value}
+    """A merge patch of the keys whose values differ; ``{}`` means no write is needed.
+
+    After the patch the status reads ``desired``: a mapping that replaces a mapping (``prediction``)
+    names each key it no longer has with None, since a JSON merge patch leaves the keys it omits in place.
+    """
+    patch: dict[str, Any] = {}
+    for key, value in desired.items():
+        previous = current.get(key)
+        if previous != value:
+            patch[key] = _replacing(previous, value) if isinstance(previous, Mapping) else value
+    return patch
+
+
+def _replacing(current: Mapping[str, Any], desired: Any) -> Any:
+    """``desired`` as a merge patch over ``current``: the keys only ``current`` has are set to None."""
+    if not isinstance(desired, Mapping):
+        return desired
+    patch: dict[str, Any] = {key: None for key in current if key not in desired}
+    for key, value in desired.items():
+        previous = current.get(key)
+        patch[key] = _replacing(previous, value) if isinstance(previous, Mapping) else value
+    return patch

@@ -149,3 +149,26 @@ def test_the_prediction_stays_while_the_forecast_runs() -> None:
     status = desired_status(name="r1", spec=spec, generation=3, deployment=deployment(), current=current,
                             problem=None, now=NOW)
     assert status["prediction"] == current["prediction"] and "prediction" not in status_patch(current, status)
+
+
+def test_a_prediction_key_the_new_prediction_lacks_is_deleted_by_the_merge_patch() -> None:
+    current = {"prediction": {"predictedLoad": 150.0, "recommendedReplicas": 6, "appliedMinReplicas": 6,
+                              "backtestError": 0.1, "horizonSeconds": 720, "updatedAt": "2026-11-22T11:00:00Z"}}
+    desired = {"prediction": {"horizonSeconds": 720, "updatedAt": "2026-11-22T12:00:00Z"}}  # InsufficientHistory
+    assert status_patch(current, desired) == {"prediction": {
+        "predictedLoad": None, "recommendedReplicas": None, "appliedMinReplicas": None, "backtestError": None,
+        "horizonSeconds": 720, "updatedAt": "2026-11-22T12:00:00Z",
+    }}
+    assert status_patch(desired, desired) == {}
+
+
+def test_forecast_only_drops_a_floor_left_from_active_mode() -> None:
+    spec = parse_spec({"autoscaling": {"enabled": True, "predictive": {
+        "mode": "ForecastOnly", "capacityPerReplica": 10, "prometheus": {"url": "http://prometheus:9090"}}}})
+    current = {"prediction": {"predictedLoad": 5.0, "appliedMinReplicas": 3}}
+    status = desired_status(name="r1", spec=spec, generation=3, deployment=deployment(), current=current,
+                            problem=None, now=NOW)
+    assert status["prediction"] == {"predictedLoad": 5.0}
+    assert status_patch(current, status)["prediction"] == {"predictedLoad": 5.0, "appliedMinReplicas": None}
+    assert "prediction" not in status_patch(status, desired_status(
+        name="r1", spec=spec, generation=3, deployment=deployment(), current=status, problem=None, now=NOW))
