@@ -582,7 +582,7 @@ async def predictive_tick(kube: Kube, body: Mapping[str, Any], memo: Any, *, now
     The prediction is written only when something but its timestamp changed; ``appliedMinReplicas``
     is the floor every reconcile passes to the HPA builder, so reconcile and this timer agree.
     """
-    from moe_operator.scaling.controller import PredictiveState, run_tick
+    from moe_operator.scaling.controller import restored_state, run_tick
     from moe_operator.status import PREDICTION_READY, set_condition
 
     outcome = Outcome()
@@ -609,8 +609,8 @@ async def predictive_tick(kube: Kube, body: Mapping[str, Any], memo: Any, *, now
         floor = predictive_floor(spec, current)
     else:
         state = memo.get(PREDICTIVE_STATE)
-        if state is None:
-            state = memo[PREDICTIVE_STATE] = PredictiveState()
+        if state is None:  # this process's first tick: go on from the floor the status records
+            state = memo[PREDICTIVE_STATE] = restored_state(spec, current.get("prediction"), now)
         result = await run_tick(spec, name=name, namespace=namespace, state=state, now=now, auth=auth)
         fresh = _wire(result.prediction)
         if spec.autoscaling.predictive.mode == "Active" and result.min_replicas is not None:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from moe_operator.api import MoERouterSpec, PredictionStatus
 from moe_operator.scaling.forecast import (
@@ -40,6 +43,7 @@ from moe_operator.scaling.policy import (
     floor_on_success,
     floor_recommendation,
     refit_due,
+    restored_floor,
 )
 from moe_operator.scaling.prometheus import (
     NO_DATA,
@@ -80,6 +84,41 @@ class PredictiveState:
     last_prediction: PredictionStatus | None = None
     #: The history fetched so far: a tick reads only the newest minutes of it from Prometheus.
     history: HistoryCache = field(default_factory=HistoryCache)
+
+
+def restored_state(spec: MoERouterSpec, prediction: Mapping[str, Any] | None, now: datetime) -> PredictiveState:
+    """The first state of a MoERouter this process has not ticked yet (operator restart, HA failover).
+
+    From the ``status.prediction`` the previous process wrote: the last prediction (what a failing tick
+    reports) and, in Active mode, the floor in force since ``updatedAt`` (``policy.restored_floor``), so
+    a restart neither skips the grace period nor the stabilisation window. Anything unreadable is left out.
+    """
+    state = PredictiveState()
+    if not prediction:
+        return state
+    fields = {name for field_info in PredictionStatus.model_fields.values() if (name := field_info.alias)}
+    try:
+        state.last_prediction = PredictionStatus.model_validate(
+            {key: value for key, value in prediction.items() if key in fields}
+        )
+    except ValidationError:
+        return state
+    applied = state.last_prediction.applied_min_replicas
+    updated_at = _parse_rfc3339(state.last_prediction.updated_at)
+    active = spec.autoscaling.enabled and spec.autoscaling.predictive.mode == "Active"
+    if active and applied is not None and updated_at is not None:
+        state.floor = restored_floor(applied, updated_at, now.timestamp(), _floor_settings(spec))
+    return state
+
+
+def _parse_rfc3339(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 @dataclass(frozen=True)
@@ -308,4 +347,4 @@ def horizon_of(spec: MoERouterSpec) -> int:
     return default_horizon_seconds(pred.horizon_seconds, spec.runtime.startup_seconds)
 
 
-__all__ = ["PredictiveState", "TickResult", "horizon_of", "run_tick", "usable_history"]
+__all__ = ["PredictiveState", "TickResult", "horizon_of", "restored_state", "run_tick", "usable_history"]

@@ -179,6 +179,25 @@ class FloorSettings:
             raise PolicyError("stabilization, grace and decay periods must be >= 0 seconds")
 
 
+def restored_floor(applied: int, applied_at: float, now: float, settings: FloorSettings) -> FloorMemory:
+    """The memory of a floor applied before this process started (read back from the MoERouter's status).
+
+    As if the good forecast at ``applied_at`` had asked for ``applied``: failing forecasts keep it until
+    the grace period after that time is over and then decay it; good ones hold it in the stabilisation
+    window until ``applied_at + stabilization_seconds``. A floor older than the grace period and the
+    decay together has nothing left to hold: the memory is empty, as it would be by now anyway.
+    """
+    memory = FloorMemory()
+    applied_at = min(applied_at, now)  # a clock ahead of ours must not stretch the grace period
+    if now - applied_at >= settings.grace_period_seconds + settings.decay_seconds:
+        return memory
+    held = clamp(applied, settings.min_replicas, settings.max_replicas)
+    memory.recommendations.append((applied_at, held))
+    memory.last_good = memory.applied = held
+    memory.last_good_at = applied_at
+    return memory
+
+
 def floor_on_success(memory: FloorMemory, now: float, recommendation: int, settings: FloorSettings) -> int:
     """The minReplicas to hold after a good forecast: raise at once, lower only through the window.
 

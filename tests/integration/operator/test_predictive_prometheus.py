@@ -7,12 +7,13 @@ ahead of the jump, because only the calendar predicts it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
 import pytest
 
-from tests.integration.operator.harness import cluster, eventually, example_router
+from tests.integration.operator.harness import cluster, eventually, example_router, start_operator, stop_operator
 from tests.support.prometheus import SeriesSpec, prometheus_missing, start_prometheus
 
 pytestmark = [
@@ -124,3 +125,36 @@ async def test_a_prometheus_outage_holds_the_floor_for_the_grace_period_then_dec
                 within=90, message="PredictionReady recovers once Prometheus is back",
             )
             await eventually(lambda: hpa_min_replicas(k8s) == 6, within=60, message="the floor is raised again")
+
+
+async def test_an_operator_restart_with_prometheus_down_keeps_the_floor_for_the_grace_period(tmp_path):
+    now = time.time()
+    times = np.arange(now - 6 * DAY, now, STEP)
+    rates = office_hours(times, rise_at=now + RISE_IN_SECONDS)
+    labels = {"namespace": "default", "service": "demo-router", "moerouter": "demo-router"}
+    body = predictive_router("")
+    body["spec"]["autoscaling"]["predictive"]["gracePeriodSeconds"] = 3600
+    with start_prometheus(tmp_path / "prom", [SeriesSpec(labels, times.tolist(), rates.tolist())]) as prometheus:
+        body["spec"]["autoscaling"]["predictive"]["prometheus"]["url"] = prometheus.url
+        async with cluster(tmp_path) as k8s:
+            await k8s.apply_router(body)
+            await eventually(lambda: hpa_min_replicas(k8s) == 6, within=90, message="the floor is raised to 6")
+
+            await stop_operator(k8s.process)
+            prometheus.stop()
+            args = ("--namespace", "default", "--liveness", "", "--metrics-port", "0")  # no fixed ports to collide on
+            restarted = await start_operator(k8s.running, tmp_path / "restarted.log", args)
+            try:
+                outage = await eventually(
+                    lambda: (k8s.condition("demo-router", "PredictionReady") or {}).get("reason")
+                    == "PrometheusUnavailable" and k8s.condition("demo-router", "PredictionReady"),
+                    within=60, message="the restarted operator reports PrometheusUnavailable",
+                )
+                assert "keeping minReplicas 6 from the last good forecast" in outage["message"], outage["message"]
+                seen = []
+                for _ in range(10):  # a few more ticks (intervalSeconds 10) of the new process
+                    seen.append(hpa_min_replicas(k8s))
+                    await asyncio.sleep(1.5)
+                assert set(seen) == {6}, f"the floor fell within the grace period: {seen}"
+            finally:
+                await stop_operator(restarted)
