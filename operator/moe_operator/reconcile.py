@@ -121,6 +121,16 @@ def predictive_floor(spec: MoERouterSpec, status: Mapping[str, Any]) -> int | No
     return int(value) if isinstance(value, int) else None
 
 
+def forget_scaling_series(namespace: str, name: str, spec: MoERouterSpec) -> None:
+    """Drop the predictive metrics nothing updates any more: all of them once the forecast stops (mode Off
+    or autoscaling disabled: the timer no longer runs), the held floor's outside Active mode."""
+    autoscaling = spec.autoscaling
+    if not autoscaling.enabled or autoscaling.predictive.mode == "Off":
+        scaling_metrics().forget(namespace, name)
+    elif autoscaling.predictive.mode != "Active":
+        scaling_metrics().forget_floor(namespace, name)
+
+
 def _owned_by(obj: Mapping[str, Any], owner: Owner) -> bool:
     references = (obj.get("metadata") or {}).get("ownerReferences") or []
     return any(ref.get("uid") == owner.uid and ref.get("kind") == api.KIND for ref in references)
@@ -239,6 +249,7 @@ async def reconcile(
             RECONCILES.labels(trigger=trigger, result="invalid").inc()
             return outcome
 
+        forget_scaling_series(owner.namespace, owner.name, spec)
         problem = await check_references(kube, owner.namespace, spec)
         deployment: Mapping[str, Any] | None
         if problem is not None:

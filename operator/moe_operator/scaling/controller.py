@@ -175,6 +175,8 @@ async def run_tick(
     grid = Grid.of(pred.step_seconds, horizon, lead_seconds=spec.runtime.startup_seconds)
     query = pred.prometheus.query or default_query(name, namespace)
     labels = (namespace, name)
+    if not active:
+        metrics.forget_floor(*labels)  # no floor is held: none is exported (e.g. after Active -> ForecastOnly)
 
     started = time.perf_counter()
     try:

@@ -1,7 +1,8 @@
 """The operator's own metrics about predictive scaling (served on the operator's ``/metrics``).
 
 Labelled by MoERouter ``namespace`` and ``moerouter`` (the labels the alerts and the dashboard group
-by); ``forget`` drops a deleted MoERouter's series so routers coming and going do not leak label sets.
+by); ``forget`` drops a deleted MoERouter's series so routers coming and going do not leak label sets,
+and the series of one whose forecast no longer runs, so no alert fires on a value nothing updates.
 """
 
 from __future__ import annotations
@@ -49,8 +50,13 @@ class ScalingMetrics:
             (*LABELS, "reason"), registry=registry,
         )
 
+    def forget_floor(self, namespace: str, name: str) -> None:
+        """Drop one MoERouter's ``applied_min_replicas`` (its mode is not Active: no floor is held)."""
+        with contextlib.suppress(KeyError):
+            self.applied_min_replicas.remove(namespace, name)
+
     def forget(self, namespace: str, name: str) -> None:
-        """Drop every series of one MoERouter (call when it is deleted)."""
+        """Drop every series of one MoERouter (call when it is deleted or its predictive mode goes Off)."""
         for gauge in (self.predicted_load, self.recommended_replicas, self.applied_min_replicas, self.backtest_error):
             with contextlib.suppress(KeyError):
                 gauge.remove(namespace, name)

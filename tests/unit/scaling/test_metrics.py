@@ -34,3 +34,15 @@ def test_forget_drops_every_series_of_a_deleted_router() -> None:
     text = generate_latest(registry).decode()
     assert 'moerouter="gone"' not in text
     assert 'moerouter="kept"' in text
+
+
+def test_forget_floor_drops_only_the_held_floor() -> None:
+    registry = CollectorRegistry()
+    metrics = ScalingMetrics(registry)
+    metrics.applied_min_replicas.labels("ns", "r").set(6)
+    metrics.backtest_error.labels("ns", "r").set(0.7)
+    metrics.forget_floor("ns", "r")
+    metrics.forget_floor("ns", "never-seen")  # nothing to drop is no error
+    labels = {"namespace": "ns", "moerouter": "r"}
+    assert registry.get_sample_value("moe_operator_applied_min_replicas", labels) is None
+    assert registry.get_sample_value("moe_operator_backtest_error", labels) == 0.7
