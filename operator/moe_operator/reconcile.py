@@ -611,6 +611,8 @@ async def predictive_tick(kube: Kube, body: Mapping[str, Any], memo: Any, *, now
     floor: int | None = None
     if problem is not None:
         outcome.problem = problem
+        # Counted as a failed query (none could be made): MoEOperatorPredictionsFailing fires for it too.
+        scaling_metrics().query_failures.labels(namespace, name, problem.reason).inc()
         previous = next((c for c in conditions if c.get("type") == PREDICTION_READY), {})
         outcome.new_problem = (previous.get("reason"), previous.get("message")) != (problem.reason, problem.message)
         conditions = set_condition(

@@ -46,7 +46,8 @@ class ScalingMetrics:
         )
         self.query_failures = Counter(
             "moe_operator_prometheus_query_failures_total",
-            "Prometheus range queries that gave no usable history, by reason.",
+            "Forecast ticks that got no usable history from Prometheus, by reason (a failed or empty query, or "
+            "a missing credentials Secret: SecretNotFound, SecretKeyNotFound).",
             (*LABELS, "reason"), registry=registry,
         )
 
