@@ -609,35 +609,31 @@ async def predictive_tick(kube: Kube, body: Mapping[str, Any], memo: Any, *, now
     auth, problem = await resolve_prometheus_auth(kube, namespace, spec)
     prediction = dict(current.get("prediction") or {})
     floor: int | None = None
-    if problem is not None:
+    if problem is not None:  # a Warning event names the Secret; the tick fails like a failed query
         outcome.problem = problem
-        # Counted as a failed query (none could be made): MoEOperatorPredictionsFailing fires for it too.
-        scaling_metrics().query_failures.labels(namespace, name, problem.reason).inc()
         previous = next((c for c in conditions if c.get("type") == PREDICTION_READY), {})
-        outcome.new_problem = (previous.get("reason"), previous.get("message")) != (problem.reason, problem.message)
-        conditions = set_condition(
-            conditions, type=PREDICTION_READY, status="False", reason=problem.reason,
-            message=problem.message, generation=metadata.get("generation"), now=now,
-        )
-        floor = predictive_floor(spec, current)
+        # The condition's message goes on with what happens to the floor: the Secret's part is its start.
+        outcome.new_problem = previous.get("reason") != problem.reason or not str(
+            previous.get("message", "")
+        ).startswith(problem.message)
+    state = memo.get(PREDICTIVE_STATE)
+    if state is None:  # this process's first tick: go on from the floor the status records
+        state = memo[PREDICTIVE_STATE] = restored_state(spec, current.get("prediction"), now)
+    refused = (problem.reason, problem.message) if problem is not None else None
+    result = await run_tick(spec, name=name, namespace=namespace, state=state, now=now, auth=auth, refused=refused)
+    fresh = _wire(result.prediction)
+    if spec.autoscaling.predictive.mode == "Active" and result.min_replicas is not None:
+        floor = int(result.min_replicas)
+        fresh["appliedMinReplicas"] = floor
     else:
-        state = memo.get(PREDICTIVE_STATE)
-        if state is None:  # this process's first tick: go on from the floor the status records
-            state = memo[PREDICTIVE_STATE] = restored_state(spec, current.get("prediction"), now)
-        result = await run_tick(spec, name=name, namespace=namespace, state=state, now=now, auth=auth)
-        fresh = _wire(result.prediction)
-        if spec.autoscaling.predictive.mode == "Active" and result.min_replicas is not None:
-            floor = int(result.min_replicas)
-            fresh["appliedMinReplicas"] = floor
-        else:
-            fresh.pop("appliedMinReplicas", None)
-        if _without_timestamp(fresh) != _without_timestamp(prediction):
-            prediction = fresh
-        conditions = set_condition(
-            conditions, type=PREDICTION_READY, status=str(result.condition_status),
-            reason=str(result.condition_reason), message=str(result.condition_message),
-            generation=metadata.get("generation"), now=now,
-        )
+        fresh.pop("appliedMinReplicas", None)
+    if _without_timestamp(fresh) != _without_timestamp(prediction):
+        prediction = fresh
+    conditions = set_condition(
+        conditions, type=PREDICTION_READY, status=str(result.condition_status),
+        reason=str(result.condition_reason), message=str(result.condition_message),
+        generation=metadata.get("generation"), now=now,
+    )
     desired = {**current, "conditions": conditions}
     if prediction:
         desired["prediction"] = prediction

@@ -161,9 +161,13 @@ def usable_history(result: RangeResult, now: float) -> np.ndarray:
 
 async def run_tick(
     spec: MoERouterSpec, *, name: str, namespace: str, state: PredictiveState, now: datetime,
-    auth: PrometheusAuth | None, metrics: ScalingMetrics | None = None,
+    auth: PrometheusAuth | None, metrics: ScalingMetrics | None = None, refused: tuple[str, str] | None = None,
 ) -> TickResult:
-    """One tick of the predictive controller (see the module docstring)."""
+    """One tick of the predictive controller (see the module docstring).
+
+    ``refused`` is ``(reason, message)`` when no query can be made (a credentials Secret is missing): the tick
+    fails like a query that failed, with the same grace period and decay of the floor.
+    """
     metrics = metrics or scaling_metrics()
     pred = spec.autoscaling.predictive
     if pred.mode == "Off" or pred.prometheus is None or pred.capacity_per_replica is None:
@@ -178,6 +182,8 @@ async def run_tick(
     if not active:
         metrics.forget_floor(*labels)  # no floor is held: none is exported (e.g. after Active -> ForecastOnly)
 
+    if refused is not None:
+        return _failure(state, moment, *refused, active, settings, metrics, labels)
     started = time.perf_counter()
     try:
         async with asyncio.timeout(pred.prometheus.timeout_seconds + FETCH_GUARD_SECONDS):

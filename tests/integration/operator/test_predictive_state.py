@@ -237,3 +237,23 @@ async def test_a_missing_prometheus_credentials_secret_counts_as_a_failed_query(
     await tick(kube, "no-secret", {}, now + timedelta(seconds=10))
     # Every tick counts: rate() stays above 0 while the Secret is missing, so MoEOperatorPredictionsFailing fires.
     assert REGISTRY.get_sample_value("moe_operator_prometheus_query_failures_total", labels) == before + 2
+
+
+async def test_a_missing_credentials_secret_holds_the_floor_for_the_grace_period_then_decays(sandbox):
+    # Like any failed query: the last good floor is kept for gracePeriodSeconds, then lowered, never held forever.
+    running, kube = sandbox
+    predictive = predictive_spec(DOWN)
+    predictive["prometheus"]["bearerTokenSecretRef"] = {"name": "prom-token", "key": "token"}
+    now = datetime.now(tz=UTC)
+    await router(kube, "lost-secret", predictive, floor_prediction(6, now - timedelta(minutes=1)))
+    memo: dict[str, Any] = {}
+    body = await tick(kube, "lost-secret", memo, now)
+    assert hpa_min_replicas(running, "lost-secret") == 6
+    ready = prediction_ready(body)
+    assert ready["reason"] == "SecretNotFound" and "prom-token" in ready["message"]
+    assert "keeping minReplicas 6 from the last good forecast until" in ready["message"]
+    await tick(kube, "lost-secret", memo, now + timedelta(seconds=3600 + 300))  # grace over, half the decay
+    assert 2 < hpa_min_replicas(running, "lost-secret") < 6
+    body = await tick(kube, "lost-secret", memo, now + timedelta(seconds=3600 + 700))
+    assert hpa_min_replicas(running, "lost-secret") == 2
+    assert "grace period over" in prediction_ready(body)["message"]
