@@ -93,6 +93,14 @@ async def router(kube: Kube, name: str, predictive: dict[str, Any], prediction: 
     return await stored(kube, name)
 
 
+async def switch_mode(kube: Kube, name: str, mode: str) -> None:
+    """The user edits ``spec.autoscaling.predictive.mode``; the operator reconciles the edit."""
+    body = await stored(kube, name)
+    body["spec"]["autoscaling"]["predictive"]["mode"] = mode
+    await kube.apply(MOEROUTERS, {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec")})
+    await reconcile(kube, await stored(kube, name), trigger="test")
+
+
 async def tick(kube: Kube, name: str, memo: dict[str, Any], now: datetime) -> Any:
     await predictive_tick(kube, await stored(kube, name), memo, now=now)
     return await stored(kube, name)
@@ -163,10 +171,7 @@ async def test_forecast_only_removes_the_floor_left_from_active_mode_and_then_wr
     server, end = prometheus
     now = datetime.fromtimestamp(end, tz=UTC)
     await router(kube, "steady", predictive_spec(server.url), floor_prediction(6, now - timedelta(seconds=60)))
-    body = await stored(kube, "steady")
-    body["spec"]["autoscaling"]["predictive"]["mode"] = "ForecastOnly"
-    await kube.apply(MOEROUTERS, {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec")})
-    await reconcile(kube, await stored(kube, "steady"), trigger="test")
+    await switch_mode(kube, "steady", "ForecastOnly")
     assert hpa_min_replicas(running, "steady") == 2
     memo: dict[str, Any] = {}
     body = await tick(kube, "steady", memo, now)
@@ -177,10 +182,7 @@ async def test_forecast_only_removes_the_floor_left_from_active_mode_and_then_wr
     assert [call for call in running.sandbox.log[mark:] if call.is_write] == []
 
     # Back to Active: until its first tick the HPA keeps spec.autoscaling.minReplicas, not a stale floor.
-    body = await stored(kube, "steady")
-    body["spec"]["autoscaling"]["predictive"]["mode"] = "Active"
-    await kube.apply(MOEROUTERS, {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec")})
-    await reconcile(kube, await stored(kube, "steady"), trigger="test")
+    await switch_mode(kube, "steady", "Active")
     assert hpa_min_replicas(running, "steady") == 2
 
 
