@@ -32,6 +32,7 @@ from moe_operator.children import (
     is_config_map_name,
     mounted_config_maps,
 )
+from moe_operator.condition_metrics import condition_metrics
 from moe_operator.kube import MOEROUTERS, Kube, KubeError
 from moe_operator.labels import FIELD_MANAGER, HANDOVER_FIELD_MANAGER, MANAGED_BY_LABEL, OPERATOR_NAME, ROUTER_LABEL
 from moe_operator.scaling.metrics import scaling_metrics
@@ -88,6 +89,7 @@ def forget(namespace: str, name: str) -> None:
     for pruned in [key for key in _config_maps_pruned if key[:2] == (namespace, name)]:
         del _config_maps_pruned[pruned]
     scaling_metrics().forget(namespace, name)
+    condition_metrics().forget(namespace, name)
     for resource in CHILD_RESOURCES:
         if resource != CONFIG_MAP:
             _in_sync.pop((resource.kind, namespace, child_name(resource, name)), None)
@@ -207,6 +209,8 @@ async def write_status(
         problem=problem,
         now=now,
     )
+    namespace = metadata.get("namespace") or "default"
+    condition_metrics().export(namespace, metadata["name"], desired.get("conditions") or [])
     patch = status_patch(current, desired)
     if not patch:
         return False
@@ -635,6 +639,7 @@ async def predictive_tick(kube: Kube, body: Mapping[str, Any], memo: Any, *, now
         generation=metadata.get("generation"), now=now,
     )
     desired = {**current, "conditions": conditions}
+    condition_metrics().export(namespace, name, conditions)
     if prediction:
         desired["prediction"] = prediction
     patch = status_patch(current, desired)

@@ -254,6 +254,8 @@ async def test_a_missing_credentials_secret_holds_the_floor_for_the_grace_period
     ready = prediction_ready(body)
     assert ready["reason"] == "SecretNotFound" and "prom-token" in ready["message"]
     assert "keeping minReplicas 6 from the last good forecast until" in ready["message"]
+    exported = {"namespace": "default", "moerouter": "lost-secret", "condition": "PredictionReady"}
+    assert REGISTRY.get_sample_value("moe_operator_router_condition", exported | {"reason": "SecretNotFound"}) == 0.0
     await tick(kube, "lost-secret", memo, now + timedelta(seconds=3600 + 300))  # grace over, half the decay
     assert 2 < hpa_min_replicas(running, "lost-secret") < 6
     body = await tick(kube, "lost-secret", memo, now + timedelta(seconds=3600 + 700))

@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from moe_operator.api import parse_spec
 from moe_operator.children import Owner, desired_config_map
 from moe_operator.kube import MOEROUTERS, Kube
+from moe_operator.reconcile import forget as reconcile_forget
 from moe_operator.reconcile import reconcile
 from moe_operator.sandbox import Running
 from tests.integration.operator.harness import example_router, sandbox_with_client
@@ -76,6 +78,27 @@ async def test_an_invalid_spec_applies_nothing_and_says_why(sandbox):
     degraded = next(c for c in (await kube.get(MOEROUTERS, "default", "r"))["status"]["conditions"]
                     if c["type"] == "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpec"
+
+
+async def test_the_degraded_condition_is_exported_for_the_alert_and_cleared_when_fixed(sandbox):
+    running, kube = sandbox
+
+    def degraded(reason: str) -> float | None:
+        labels = {"namespace": "default", "moerouter": "r", "condition": "Degraded", "reason": reason}
+        return REGISTRY.get_sample_value("moe_operator_router_condition", labels)
+
+    router = await created_router(running, kube, {"router": {"numExperts": 4, "minExperts": 3, "maxExperts": 2}})
+    await reconcile(kube, router, trigger="test")
+    assert degraded("InvalidSpec") == 1.0  # MoERouterDegraded fires on this after 15 minutes
+    fixed = await kube.get(MOEROUTERS, "default", "r")
+    assert fixed is not None
+    fixed["spec"]["router"] = {"numExperts": 4, "minExperts": 1, "maxExperts": 2}
+    await kube.apply(MOEROUTERS, {key: fixed[key] for key in ("apiVersion", "kind", "metadata", "spec")})
+    await reconcile(kube, await kube.get(MOEROUTERS, "default", "r"), trigger="test")
+    assert degraded("InvalidSpec") is None  # one series per condition: the old reason's is gone
+    assert degraded("ReconcileSucceeded") == 0.0
+    reconcile_forget("default", "r")
+    assert degraded("ReconcileSucceeded") is None
 
 
 async def test_a_missing_secret_key_is_named(sandbox):

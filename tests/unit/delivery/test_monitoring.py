@@ -37,6 +37,7 @@ OPERATOR_METRICS = {
     "moe_operator_backtest_error",
     "moe_operator_prometheus_query_duration_seconds",
     "moe_operator_prometheus_query_failures_total",
+    "moe_operator_router_condition",
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 METRIC_NAME = re.compile(r"\b((?:moe_router|moe_operator)_[a-z_]+)")
@@ -101,6 +102,7 @@ def test_rules_cover_the_alerts_users_expect() -> None:
         "MoERouterAllPodsDown",
         "MoEOperatorDown",
         "MoEOperatorPredictionsFailing",
+        "MoERouterDegraded",
     } <= set(alerts)
     assert "moe_router_load_cv" in alerts["MoERouterExpertLoadImbalance"]["expr"]
     for name, rule in alerts.items():
