@@ -49,7 +49,6 @@ from router_runtime.protocol import (
     ProtocolError,
     decode_infer_request,
     encode_infer_response,
-    non_finite_error,
     parse_header_length,
     rejected_by_gate,
 )
@@ -257,7 +256,8 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
             sizes = [part.shape[0] for part in parts]
             logits = model.gate(parts)
         else:  # the batch in one array (a GPU's pinned staging buffer, expert FFNs)
-            tokens, sizes, rejected = slab.gather(parts, non_finite_error)
+            # No NaN/Inf pass here: a non-finite token makes its logits non-finite, refused below.
+            tokens, sizes, rejected = slab.gather(parts)
             if not sizes:
                 return [rejected[index] for index in range(len(parts))]
             admitted = [index for index in range(len(parts)) if index not in rejected]
