@@ -113,3 +113,22 @@ def test_an_unreadable_trace_file_is_named_and_skipped(
     err = capsys.readouterr().err
     assert f"skipped: {tmp_path / 'dst.csv'}: duplicate timestamps in a count-per-step trace" in err
     assert f"no readable trace in {tmp_path}" in err
+
+
+def test_perfect_forecast_is_the_actual_peak_of_the_reachable_horizon(bench: ModuleType) -> None:
+    trace = rising_burst()
+    told = bench.perfect_forecast_oracle(trace, config(), burst_schedule(trace, floor=False))
+    # The tick at minute k sees minutes up to k - 2 (30 s lag); capacity it orders is ready for minutes
+    # k + 4 and k + 5 (startup 5 min, horizon 7 min), so the burst at minutes 120-125 shows from tick 115.
+    assert told.uses_floor[114] and told.predicted_load[114] == 10.0
+    assert told.predicted_load[115] == 30.0
+    assert told.predicted_load[118] == 50.0
+    assert told.predicted_load[124] == 20.0
+
+
+def test_perfect_forecast_needs_no_history_but_stops_where_the_horizon_leaves_the_trace(bench: ModuleType) -> None:
+    trace = minutes_trace([3.0] * 5 + [9.0] + [3.0] * 14)
+    told = bench.perfect_forecast_oracle(trace, config(), burst_schedule(trace, floor=False))
+    # The first tick (t = 0) already orders for minutes 4-5, where the 9 is.
+    assert told.uses_floor[0] and told.predicted_load[0] == 9.0
+    assert told.uses_floor.tolist() == [True] * 15 + [False] * 5
