@@ -545,10 +545,15 @@ def predictive_due(memo: Any, body: Mapping[str, Any], now: datetime) -> bool:
 
 async def resolve_prometheus_auth(kube: Kube, namespace: str, spec: MoERouterSpec) -> tuple[Any, Problem | None]:
     """The scaling controller's PrometheusAuth from the referenced Secrets, or the problem with them."""
-    from moe_operator.scaling.prometheus import PrometheusAuth
+    from moe_operator.scaling.prometheus import PrometheusAuth, ca_bundle_problem
 
     prometheus = spec.autoscaling.predictive.prometheus
-    problem = await check_prometheus_references(kube, namespace, spec)
+    try:
+        problem = await check_prometheus_references(kube, namespace, spec)
+    except KubeError as exc:
+        if exc.reason != "InvalidSecret":
+            raise
+        return None, Problem("SecretKeyInvalid", f"spec.autoscaling.predictive.prometheus: {exc.message}")
     if prometheus is None or problem is not None:
         return None, problem
 
@@ -567,6 +572,12 @@ async def resolve_prometheus_auth(kube: Kube, namespace: str, spec: MoERouterSpe
     if prometheus.tls.ca_secret_ref is not None:
         ref = prometheus.tls.ca_secret_ref
         ca_pem = await value(ref.name, ref.key)
+        invalid = None if prometheus.tls.insecure_skip_verify else ca_bundle_problem(ca_pem)
+        if invalid is not None:
+            field = "spec.autoscaling.predictive.prometheus.tls.caSecretRef"
+            return None, Problem(
+                "SecretKeyInvalid", f"{field}: key {ref.key!r} of Secret {namespace}/{ref.name} {invalid}"
+            )
     auth = PrometheusAuth(
         bearer_token=bearer,
         username=basic_user,

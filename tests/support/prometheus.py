@@ -10,13 +10,16 @@ query (``sum(rate(moe_router_requests_total{namespace=..., service=...}[2m]))``)
     server.close()
 
 Or as a context manager: ``with start_prometheus(...) as server: ...``. Tests that need it should
-skip when ``prometheus_missing()`` returns a reason.
+skip when ``prometheus_missing()`` returns a reason. ``web=WebConfig(...)`` puts TLS and/or basic auth
+in front of every endpoint (Prometheus's ``--web.config.file``); ``server.url`` is then ``https://``.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -103,6 +106,29 @@ def backfill(data_dir: Path, series: Sequence[SeriesSpec]) -> None:
     source.unlink()
 
 
+@dataclass(frozen=True)
+class WebConfig:
+    """What ``--web.config.file`` puts in front of every endpoint: TLS from PEM files, basic auth for one user."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: (username, password, bcrypt hash of the password): Prometheus keeps only the hash, the probe sends the rest.
+    basic_auth: tuple[str, str, str] | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+    def text(self) -> str:
+        lines = []
+        if self.cert_file is not None and self.key_file is not None:
+            lines += ["tls_server_config:", f'  cert_file: "{self.cert_file}"', f'  key_file: "{self.key_file}"']
+        if self.basic_auth is not None:
+            username, _, hashed = self.basic_auth
+            lines += ["basic_auth_users:", f'  "{username}": "{hashed}"']
+        return "\n".join(lines) + "\n"
+
+
 @dataclass
 class PrometheusServer:
     """A Prometheus process over ``data_dir`` on ``port``; stop/start keep the data and the port."""
@@ -111,15 +137,21 @@ class PrometheusServer:
     port: int
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    web: WebConfig | None = None
     config_path: Path = field(init=False)
+    web_config_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.config_path = self.data_dir.parent / "prometheus.yml"
         self.config_path.write_text("global:\n  scrape_interval: 60s\nscrape_configs: []\n")
+        self.web_config_path = self.data_dir.parent / "web.yml"
+        if self.web is not None:
+            self.web_config_path.write_text(self.web.text())
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.web is not None and self.web.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         if self.process is not None:
@@ -134,6 +166,7 @@ class PrometheusServer:
                 f"--web.listen-address=127.0.0.1:{self.port}",
                 "--web.enable-lifecycle",
                 "--log.level=warn",
+                *([f"--web.config.file={self.web_config_path}"] if self.web is not None else []),
             ],
             stdout=log, stderr=log,
         )
@@ -142,11 +175,18 @@ class PrometheusServer:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        request = urllib.request.Request(f"{self.url}/-/ready")
+        # The probe only waits for the process to serve; trusting its certificate is what tests check.
+        context = ssl._create_unverified_context() if self.web is not None and self.web.tls else None
+        if self.web is not None and self.web.basic_auth is not None:
+            username, password, _ = self.web.basic_auth
+            token = base64.b64encode(f"{username}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"prometheus exited with {self.process.returncode}: {self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                with urllib.request.urlopen(request, timeout=1, context=context) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, OSError):
@@ -183,13 +223,15 @@ class PrometheusServer:
         self.close()
 
 
-def start_prometheus(work_dir: Path, series: Sequence[SeriesSpec], port: int | None = None) -> PrometheusServer:
-    """Backfill ``series`` into a fresh TSDB under ``work_dir`` and start Prometheus over it."""
+def start_prometheus(
+    work_dir: Path, series: Sequence[SeriesSpec], port: int | None = None, web: WebConfig | None = None
+) -> PrometheusServer:
+    """Backfill ``series`` into a fresh TSDB under ``work_dir`` and start Prometheus over it (behind ``web``)."""
     data_dir = work_dir / "prometheus-data"
     if series:
         backfill(data_dir, series)
     else:
         data_dir.mkdir(parents=True, exist_ok=True)
-    server = PrometheusServer(data_dir, port or free_port(), work_dir / "prometheus.log")
+    server = PrometheusServer(data_dir, port or free_port(), work_dir / "prometheus.log", web=web)
     server.start()
     return server

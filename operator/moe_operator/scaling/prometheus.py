@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import ssl
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +26,10 @@ FloatArray = npt.NDArray[np.float64]
 UNAVAILABLE = "PrometheusUnavailable"
 QUERY_FAILED = "QueryFailed"
 NO_DATA = "QueryReturnedNoData"
+#: Prometheus (or the proxy in front of it) answered 401 or 403: the credentials are missing, wrong or not enough.
+AUTH_FAILED = "PrometheusAuthFailed"
+#: The TLS handshake failed: most often a server certificate the operator does not trust.
+TLS_FAILED = "PrometheusTLSFailed"
 #: Window of ``rate()`` in the default query: four scrapes at the default 30 s interval.
 DEFAULT_RATE_WINDOW = "2m"
 #: Prometheus refuses a range query of more than 11,000 points per series ("exceeded maximum resolution"):
@@ -53,6 +59,16 @@ class PrometheusAuth:
             f"password={'***' if self.password else None}, ca_pem={'...' if self.ca_pem else None}, "
             f"insecure_skip_verify={self.insecure_skip_verify})"
         )
+
+
+def ca_bundle_problem(pem: str) -> str | None:
+    """Why ``pem`` cannot serve as the CA bundle that verifies Prometheus's certificate (None when it can)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        return f"holds no PEM certificate ({_first_line(exc)})"
+    return None
 
 
 class PrometheusQueryError(Exception):
@@ -153,18 +169,26 @@ def fetch_range(
     """``query_range`` over ``[end - lookback, end]`` at ``step`` (``end`` aligned to the step), in as many
     consecutive windows as Prometheus's 11,000-points limit needs (two for the default 8 days at 60 s).
 
-    Raises PrometheusQueryError: PrometheusUnavailable (connection refused, DNS, TLS, timeout),
-    QueryFailed (HTTP error status, bad PromQL, unparsable answer), QueryReturnedNoData.
+    Raises PrometheusQueryError: PrometheusUnavailable (connection refused, DNS, timeout, HTTP 5xx),
+    PrometheusTLSFailed (an untrusted certificate, a failed handshake, an unusable CA bundle),
+    PrometheusAuthFailed (HTTP 401 or 403), QueryFailed (another HTTP error status, bad PromQL, an
+    unparsable answer), QueryReturnedNoData.
     """
     import requests
     from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
     from urllib3.util.retry import Retry
 
     auth = auth or PrometheusAuth()
+    shown = _shown(url)
+    if auth.ca_pem is not None and not auth.insecure_skip_verify:
+        problem = ca_bundle_problem(auth.ca_pem)
+        if problem is not None:
+            raise PrometheusQueryError(TLS_FAILED, f"the CA bundle for Prometheus at {shown} {problem}")
     end = align_end(end, step_seconds)
     start = end - math.floor(lookback_seconds / step_seconds) * step_seconds
-    headers = {"Authorization": f"Bearer {auth.bearer_token}"} if auth.bearer_token else None
     basic = (auth.username or "", auth.password or "") if auth.username or auth.password else None
+    # One Authorization header: basic auth wins when both are set (requests would replace the token anyway).
+    headers = {"Authorization": f"Bearer {auth.bearer_token}"} if auth.bearer_token and basic is None else None
     with _ca_file(auth.ca_pem) as ca_path, requests.Session() as session:
         session.verify = False if auth.insecure_skip_verify else (ca_path or True)
         client = PrometheusConnect(
@@ -183,17 +207,22 @@ def fetch_range(
                     params={"timeout": f"{timeout_seconds:g}s"},
                 )
                 if not isinstance(window, list):
-                    message = f"Prometheus at {url} answered a {type(window).__name__}, not a matrix"
+                    message = f"Prometheus at {shown} answered a {type(window).__name__}, not a matrix"
                     raise PrometheusQueryError(QUERY_FAILED, message)
                 result.extend(window)
+        except requests.exceptions.SSLError as exc:  # before ConnectionError, its base class
+            raise PrometheusQueryError(TLS_FAILED, _tls_message(shown, exc, auth)) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise PrometheusQueryError(UNAVAILABLE, f"cannot reach Prometheus at {url}: {_first_line(exc)}") from None
+            raise PrometheusQueryError(UNAVAILABLE, f"cannot reach Prometheus at {shown}: {_first_line(exc)}") from None
         except PrometheusApiClientException as exc:
-            # A 5xx is the server (or a proxy in front of it) failing; a 4xx is our query or credentials.
-            reason = UNAVAILABLE if str(exc).startswith("HTTP Status Code 5") else QUERY_FAILED
-            raise PrometheusQueryError(reason, f"Prometheus at {url} refused the query: {_first_line(exc)}") from None
+            status = _http_status(exc)
+            if status in (401, 403):
+                raise PrometheusQueryError(AUTH_FAILED, _auth_message(url, status, auth)) from None
+            # A 5xx is the server (or a proxy in front of it) failing; another 4xx is our query.
+            reason = UNAVAILABLE if status is not None and status >= 500 else QUERY_FAILED
+            raise PrometheusQueryError(reason, f"Prometheus at {shown} refused the query: {_first_line(exc)}") from None
         except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
-            message = f"unusable answer from Prometheus at {url}: {_first_line(exc)}"
+            message = f"unusable answer from Prometheus at {shown}: {_first_line(exc)}"
             raise PrometheusQueryError(QUERY_FAILED, message) from None
     return to_grid(result, start, end, step_seconds)
 
@@ -250,6 +279,68 @@ def fetch_history(
                                 timeout_seconds=timeout_seconds, auth=auth)  # fmt: skip
     cache.key, cache.result, cache.refreshed_at = key, result, end
     return result
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The status of prometheus-api-client's ``HTTP Status Code NNN (body)`` errors."""
+    words = str(exc).split()
+    if len(words) > 3 and words[:3] == ["HTTP", "Status", "Code"] and words[3].isdigit():
+        return int(words[3])
+    return None
+
+
+def _shown(url: str) -> str:
+    """``url`` with the password of a ``user:password@`` part masked: messages go into conditions and events."""
+    userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return url.replace(f"{userinfo}@", f"{userinfo.split(':', 1)[0]}:***@", 1)
+
+
+def _auth_message(url: str, status: int, auth: PrometheusAuth) -> str:
+    answer = "401 Unauthorized" if status == 401 else "403 Forbidden"
+    if auth.username or auth.password:
+        sent = f"basic auth as user {auth.username or ''!r} from prometheus.basicAuthSecretRef"
+    elif auth.bearer_token:
+        sent = "the bearer token of prometheus.bearerTokenSecretRef"
+    elif urlsplit(url).username is not None:
+        sent = f"basic auth as user {urlsplit(url).username!r} from the URL"
+    else:
+        return (f"Prometheus at {_shown(url)} answered {answer} and no credentials are configured: "
+                "set prometheus.basicAuthSecretRef or prometheus.bearerTokenSecretRef")  # fmt: skip
+    if status == 401:
+        return f"Prometheus at {_shown(url)} answered {answer} to {sent}: the credentials are wrong or expired"
+    return f"Prometheus at {_shown(url)} answered {answer} to {sent}: they are valid but not allowed to query"
+
+
+def _tls_message(url: str, exc: BaseException, auth: PrometheusAuth) -> str:
+    cause = _ssl_cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        if auth.ca_pem is not None:
+            advice = "the CA bundle in prometheus.tls.caSecretRef does not hold the CA that signed it"
+        else:
+            advice = "set prometheus.tls.caSecretRef to the CA bundle that signed it"
+        return f"the certificate of Prometheus at {url} is not trusted ({cause.verify_message}): {advice}"
+    detail = (cause.reason if cause is not None else None) or _first_line(cause or exc)
+    if detail == "WRONG_VERSION_NUMBER":
+        detail += ": it does not speak TLS on this port; an http:// URL may be meant"
+    return f"TLS handshake with Prometheus at {url} failed ({detail})"
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl`` error under requests' wrapping (SSLError > MaxRetryError > urllib3 SSLError > ssl.SSLError)."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, ssl.SSLError):
+            return current
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        linked = (*current.args, getattr(current, "reason", None), current.__cause__, current.__context__)
+        pending.extend(item for item in linked if isinstance(item, BaseException))
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
