@@ -217,16 +217,20 @@ class Kube:
             raise
         return dict(result)
 
-    async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        """The Secret's data, base64-decoded to text; None when the Secret does not exist."""
+    async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """The Secret's data, base64-decoded to bytes; None when the Secret does not exist.
+
+        Nothing is decoded to text here: a Secret may hold binary keys (a keystore, a DER certificate)
+        next to the one a MoERouter references, and only the referenced key has to be text.
+        """
         secret = await self.get(SECRETS, namespace, name)
         if secret is None:
             return None
-        decoded = {}
+        decoded: dict[str, bytes] = {}
         for key, value in (secret.get("data") or {}).items():
             try:
-                decoded[key] = base64.b64decode(value).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
-                raise KubeError(422, "InvalidSecret", f"key {key!r} of Secret {name!r} is not UTF-8 text") from None
-        decoded.update(secret.get("stringData") or {})
+                decoded[key] = base64.b64decode(value, validate=True)
+            except binascii.Error:
+                raise KubeError(422, "InvalidSecret", f"key {key!r} of Secret {name!r} is not base64") from None
+        decoded.update({key: str(value).encode() for key, value in (secret.get("stringData") or {}).items()})
         return decoded

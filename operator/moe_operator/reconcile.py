@@ -141,16 +141,25 @@ def _owned_by(obj: Mapping[str, Any], owner: Owner) -> bool:
 async def _missing_secret_key(
     kube: Kube, namespace: str, wanted: list[tuple[str, str, str]]
 ) -> Problem | None:
-    """The first (field path, Secret, key) whose Secret or key does not exist, as a Problem."""
-    secrets: dict[str, dict[str, str] | None] = {}
+    """The first (field path, Secret, key) whose Secret or key does not exist or is not text, as a Problem."""
+    secrets: dict[str, dict[str, bytes] | None] = {}
     for path, name, key in wanted:
         if name not in secrets:
-            secrets[name] = await kube.read_secret(namespace, name)
+            try:
+                secrets[name] = await kube.read_secret(namespace, name)
+            except KubeError as exc:
+                if exc.reason != "InvalidSecret":
+                    raise
+                return Problem("SecretKeyInvalid", f"{path}: {exc.message}")
         data = secrets[name]
         if data is None:
             return Problem("SecretNotFound", f"{path}: Secret {namespace}/{name} does not exist")
         if key not in data:
             return Problem("SecretKeyNotFound", f"{path}: Secret {namespace}/{name} has no key {key!r}")
+        try:
+            data[key].decode("utf-8")
+        except UnicodeDecodeError:
+            return Problem("SecretKeyInvalid", f"{path}: key {key!r} of Secret {namespace}/{name} is not UTF-8 text")
     return None
 
 
@@ -548,18 +557,13 @@ async def resolve_prometheus_auth(kube: Kube, namespace: str, spec: MoERouterSpe
     from moe_operator.scaling.prometheus import PrometheusAuth, ca_bundle_problem
 
     prometheus = spec.autoscaling.predictive.prometheus
-    try:
-        problem = await check_prometheus_references(kube, namespace, spec)
-    except KubeError as exc:
-        if exc.reason != "InvalidSecret":
-            raise
-        return None, Problem("SecretKeyInvalid", f"spec.autoscaling.predictive.prometheus: {exc.message}")
+    problem = await check_prometheus_references(kube, namespace, spec)
     if prometheus is None or problem is not None:
         return None, problem
 
     async def value(name: str, key: str) -> str:
         data = await kube.read_secret(namespace, name)
-        return (data or {})[key]
+        return (data or {})[key].decode("utf-8")  # checked above: present and text
 
     bearer = basic_user = basic_password = ca_pem = None
     if prometheus.bearer_token_secret_ref is not None:

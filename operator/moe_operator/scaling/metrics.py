@@ -47,7 +47,7 @@ class ScalingMetrics:
         self.query_failures = Counter(
             "moe_operator_prometheus_query_failures_total",
             "Forecast ticks that got no usable history from Prometheus, by reason (a failed or empty query, or "
-            "a missing credentials Secret: SecretNotFound, SecretKeyNotFound).",
+            "a missing or unusable credentials Secret: SecretNotFound, SecretKeyNotFound, SecretKeyInvalid).",
             (*LABELS, "reason"), registry=registry,
         )
 

@@ -113,6 +113,33 @@ async def test_a_missing_secret_key_is_named(sandbox):
     assert "'token'" in outcome.problem.message and outcome.applied == []
 
 
+async def test_a_binary_key_beside_the_referenced_one_does_not_matter(sandbox):
+    running, kube = sandbox
+    running.sandbox.seed("", "v1", "secrets", {
+        "metadata": {"name": "k", "namespace": "default"},
+        "data": {"token": base64.b64encode(b"s3cret").decode(), "keystore.p12": base64.b64encode(b"\x80\xff").decode()},
+    })
+    router = await created_router(running, kube)
+    router["spec"]["runtime"]["apiKeySecretRef"] = {"name": "k", "key": "token"}
+    outcome = await reconcile(kube, router, trigger="test")
+    assert outcome.problem is None and len(outcome.applied) == 6
+
+
+async def test_a_referenced_key_that_is_not_text_is_named(sandbox):
+    running, kube = sandbox
+    running.sandbox.seed("", "v1", "secrets", {
+        "metadata": {"name": "k", "namespace": "default"}, "data": {"token": base64.b64encode(b"\x80\xff").decode()},
+    })
+    router = await created_router(running, kube)
+    router["spec"]["runtime"]["apiKeySecretRef"] = {"name": "k", "key": "token"}
+    outcome = await reconcile(kube, router, trigger="test")
+    assert outcome.problem is not None and outcome.problem.reason == "SecretKeyInvalid"
+    assert outcome.problem.message == (
+        "spec.runtime.apiKeySecretRef: key 'token' of Secret default/k is not UTF-8 text"
+    )
+    assert outcome.applied == []
+
+
 def test_the_kubeconfig_env_is_what_the_client_reads(sandbox):
     running, _ = sandbox
     assert os.environ["KUBECONFIG"] == str(running.kubeconfig_path)

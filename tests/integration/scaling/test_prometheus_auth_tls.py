@@ -288,7 +288,7 @@ async def test_a_der_encoded_ca_secret_is_reported_instead_of_stopping_the_tick(
     seed_secret(running, "prom-ca", {"ca.crt": pki.ca_der})
     result = await tick(kube, {"url": server.url, "basicAuthSecretRef": {"name": "prom-basic"}, **WITH_CA}, end)
     assert (result.ready["status"], result.ready["reason"]) == ("False", "SecretKeyInvalid")
-    assert "key 'ca.crt' of Secret 'prom-ca' is not UTF-8 text" in result.ready["message"]
+    assert "tls.caSecretRef: key 'ca.crt' of Secret default/prom-ca is not UTF-8 text" in result.ready["message"]
 
 
 async def test_the_bearer_token_from_a_secret_is_sent_as_an_authorization_header(sandbox, prometheus, gateway):
