@@ -4,7 +4,8 @@
 #   docker build --target runtime  -t ghcr.io/moe-router-operator/router-runtime:0.1.0 .
 # Both run as the non-root uid 65532 with a read-only root filesystem (writable /tmp from an emptyDir).
 
-# ---- shared base: pinned Python, no caches, no bytecode writes (the root filesystem is read-only) ----
+# ---- shared base: pinned Python, no caches, no bytecode writes at run time (the root filesystem is read-only):
+# pip byte-compiles what it installs in the build stages, so imports read .pyc instead of compiling at each start ----
 FROM python:3.11.11-slim-bookworm AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -23,14 +24,14 @@ COPY operator/ operator/
 # ---- operator build: kopf, kubernetes, Prometheus client; no torch ----
 FROM source AS operator-build
 RUN python -m venv /opt/venv \
- && pip install --no-compile -c constraints.txt ".[operator]"
+ && pip install -c constraints.txt ".[operator]"
 
 # ---- runtime build: CPU-only torch from the PyTorch CPU index, pinned by constraints.txt ----
 FROM source AS runtime-build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN python -m venv /opt/venv \
- && pip install --no-compile --index-url "${TORCH_INDEX_URL}" -c constraints.txt torch \
- && pip install --no-compile -c constraints.txt ".[runtime]"
+ && pip install --index-url "${TORCH_INDEX_URL}" -c constraints.txt torch \
+ && pip install -c constraints.txt ".[runtime]"
 
 # ---- final image: operator ----
 FROM base AS operator
@@ -63,6 +64,7 @@ ENV HOME=/tmp \
 WORKDIR /tmp
 USER 65532:65532
 EXPOSE 8080
+# Probes server.port's default; serving on another port under plain Docker, pass --health-cmd (docs/runtime.md).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/v2/health/live', timeout=2).status != 200)"]
 ENTRYPOINT ["moe-router"]

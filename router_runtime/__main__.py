@@ -21,12 +21,22 @@ def _serve(args: argparse.Namespace) -> int:
     # loop (measured: 3x less server CPU per request). Read once when torch loads, so set it first.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from router_runtime.process import (
+        NUMBA_CACHE_DIR_ENV,
         cgroup_cpu_limit,
+        cgroup_memory_limit,
+        private_kernel_cache_dir,
         resolve_api_key,
         resolve_workers,
         threads_per_worker,
         usable_cpus,
     )
+
+    # Before numba loads (with the router, here or in the spawned workers): its default cache places are
+    # read-only in a hardened install, and without one every start compiles the kernels again.
+    if not os.environ.get(NUMBA_CACHE_DIR_ENV):
+        cache_dir = private_kernel_cache_dir()
+        if cache_dir is not None:
+            os.environ[NUMBA_CACHE_DIR_ENV] = cache_dir
     from router_runtime.workers import serve_workers
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -41,6 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     cpu_limit, cpu_count = cgroup_cpu_limit(), usable_cpus()
     setting = args.workers if args.workers is not None else config.server.workers
     workers = resolve_workers(setting, cpu_limit, cpu_count)
+    config = _with_inflight_budget(config, workers, cgroup_memory_limit())
     if workers > 1:
         # The supervisor never imports torch: each spawned worker sets its own thread count first.
         threads = threads_per_worker(workers, cpu_limit, cpu_count)
@@ -56,6 +67,32 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"moe-router serve: {exc}", file=sys.stderr)
         return 1
+
+
+def _with_inflight_budget(config: RuntimeFileConfig, workers: int, limit: int | None) -> RuntimeFileConfig:
+    """``config`` with ``server.maxInflightBytes`` derived from the memory ``limit`` (bytes) when it is not set."""
+    from router_runtime.process import WORKER_BASE_BYTES, inflight_byte_budget, largest_request_bytes
+
+    server = config.server
+    if server.max_inflight_bytes is not None:
+        return config
+    largest = largest_request_bytes(server.max_body_bytes, server.max_request_tokens, config.router.input_dim)
+    budget = inflight_byte_budget(limit, workers, largest)
+    if limit is None or budget is None:
+        return config
+    log = logging.getLogger("router_runtime")
+    mib = 1024 * 1024
+    log.info(
+        "memory limit %d MiB, %d workers: each holds at most %d MiB of request bodies at once",
+        limit // mib, workers, budget // mib,
+    )  # fmt: skip
+    if limit // workers < WORKER_BASE_BYTES + largest:
+        log.warning(
+            "memory limit %d MiB leaves %d MiB to each of %d workers, less than a warm worker (~%d MiB) plus one "
+            "request of the largest size (%d MiB): raise the limit, or lower server.workers or maxRequestTokens",
+            limit // mib, limit // workers // mib, workers, WORKER_BASE_BYTES // mib, largest // mib,
+        )  # fmt: skip
+    return config.model_copy(update={"server": server.model_copy(update={"max_inflight_bytes": budget})})
 
 
 def _route(args: argparse.Namespace) -> int:

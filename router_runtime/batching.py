@@ -98,11 +98,37 @@ class BatchSlab:
 
 
 class Overloaded(Exception):
-    """The queue is full; retry after ``retry_after`` seconds."""
+    """The queue or the in-flight byte budget is full; retry after ``retry_after`` seconds."""
 
-    def __init__(self, queued: int, retry_after: int = 1) -> None:
-        super().__init__(f"server overloaded: {queued} requests already queued, retry later")
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
         self.retry_after = retry_after
+
+
+class InflightBytes:
+    """The bytes of request bodies admitted and not yet answered, kept under ``budget`` (None: no budget).
+
+    Counting requests does not bound memory when one request may be hundreds of megabytes. One request alone
+    is always admitted whatever its size, so the largest request the other limits allow still works.
+    """
+
+    __slots__ = ("budget", "held")
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def admit(self, size: int) -> None:
+        """Count ``size`` bytes in, or raise ``Overloaded`` if they would take the total over the budget."""
+        if self.budget is not None and self.held and self.held + size > self.budget:
+            raise Overloaded(
+                f"server overloaded: {self.held} bytes of requests in flight, this one's {size} would pass the "
+                f"budget of {self.budget} bytes (server.maxInflightBytes), retry later"
+            )
+        self.held += size
+
+    def release(self, size: int) -> None:
+        self.held -= size
 
 
 class Stopped(Exception):
@@ -170,7 +196,7 @@ class DynamicBatcher(Generic[Result]):
         if self._stopping or loop is None or not self.running:
             raise Stopped("the router is shutting down")
         if len(self._pending) >= self.max_queue_requests:
-            raise Overloaded(len(self._pending))
+            raise Overloaded(f"server overloaded: {len(self._pending)} requests already queued, retry later")
         future: asyncio.Future[Result] = loop.create_future()
         self._pending.append(_Pending(tokens, future, loop.time()))
         self._pending_tokens += tokens.shape[0]

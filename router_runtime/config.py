@@ -164,6 +164,13 @@ class ServerConfig(CamelModel):
     max_body_bytes: int = Field(
         256 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
+    max_inflight_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="Most bytes of request bodies one worker holds at once; a request that would pass it is "
+        "answered 503 with Retry-After (one request alone is always admitted). Absent: derived from the "
+        "container's memory limit (cgroup) shared among the workers; no budget without a limit.",
+    )
     shutdown_grace_seconds: float = Field(
         20.0, ge=0.0, le=3600.0, description="Time in-flight requests get to finish after SIGTERM."
     )

@@ -23,6 +23,8 @@ CPU wheels' MKL sgemm runs its generic code on AMD CPUs, at 40-50 % of what this
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import numpy as np
@@ -49,9 +51,30 @@ REGISTER_SLOTS = 8
 _MIN_KEY = -(1 << 62)
 
 
+def _cached_njit(fn, **options):  # type: ignore[no-untyped-def]
+    """``numba.njit(cache=True)``; without a writable cache directory numba refuses that at decoration time, so
+    then the kernel is compiled without one (at each start) rather than the import failing."""
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    except RuntimeError as exc:  # "cannot cache function ...: no locator available for file ..."
+        if "no locator available" not in str(exc):
+            raise
+        _warn_uncached()
+        return numba.njit(**options)(fn)
+
+
+@functools.cache  # once per process, not once per kernel
+def _warn_uncached() -> None:
+    logging.getLogger(__name__).warning(
+        "numba has no writable cache directory (NUMBA_CACHE_DIR unset or unwritable, and neither the package "
+        "directory nor $HOME/.cache writable): the routing kernels are compiled again at each start, which adds "
+        "seconds to it; set NUMBA_CACHE_DIR to a writable directory (e.g. /tmp/numba-cache) to keep them"
+    )
+
+
 def _jit(fn):  # type: ignore[no-untyped-def]
     """numba.njit (compiled lazily on the first call) when numba is installed, else the plain function."""
-    return numba.njit(nogil=True, cache=True)(fn) if numba is not None else fn
+    return _cached_njit(fn, nogil=True) if numba is not None else fn
 
 
 def _inline(fn):  # type: ignore[no-untyped-def]
@@ -295,7 +318,7 @@ def _jit_reassociating(fn):  # type: ignore[no-untyped-def]
     their IEEE meaning (no ``nnan``/``ninf``): the server finds bad tokens through their logits."""
     if numba is None:
         return fn
-    return numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})(fn)
+    return _cached_njit(fn, nogil=True, fastmath={"reassoc", "contract"})
 
 
 def _inline_reassociating(fn):  # type: ignore[no-untyped-def]

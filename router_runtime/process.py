@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 from router_runtime.config import API_KEY_ENV, API_KEY_FILE_ENV
@@ -27,6 +29,27 @@ def resolve_api_key(environ: dict[str, str] | None = None) -> str | None:
     return None
 
 
+#: numba's environment variable for where it keeps compiled kernels.
+NUMBA_CACHE_DIR_ENV = "NUMBA_CACHE_DIR"
+
+
+def private_kernel_cache_dir(parent: str | None = None) -> str | None:
+    """A directory for numba's compiled kernels under ``$TMPDIR`` that only this user can write, created if needed.
+
+    numba's default places (the package directory, ``$HOME/.cache``) are read-only in a hardened image or
+    install. The name holds the uid and the directory must be ours and closed to others: numba unpickles what
+    it finds there, so a directory another user of a shared ``/tmp`` created first is not used (None).
+    """
+    path = os.path.join(parent if parent is not None else tempfile.gettempdir(), f"moe-router-numba-{os.getuid()}")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+    except OSError:
+        return None
+    private = stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+    return path if private else None
+
+
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """CPUs the container may use (cgroup v2 ``cpu.max`` or v1 CFS quota), rounded up; None when unlimited."""
     try:
@@ -43,6 +66,48 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+#: cgroup v1 reports "no limit" as the largest page-aligned 64-bit count; anything this big is no limit.
+_V1_NO_MEMORY_LIMIT = 1 << 62
+#: Resident memory of a warm worker before it holds any request (measured: ~590 MB, d=768, E=8, experts off).
+WORKER_BASE_BYTES = 600 * 1024 * 1024
+#: Share of a worker's spare memory that request bodies may hold; the rest is for decoding and routing them.
+INFLIGHT_SHARE = 0.5
+
+
+def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes the container may use (cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``); None when unlimited."""
+    try:
+        if (root / "memory.max").is_file():
+            value = (root / "memory.max").read_text().strip()
+            return None if value == "max" else int(value)
+        v1_limit = root / "memory" / "memory.limit_in_bytes"
+        if v1_limit.is_file():
+            limit = int(v1_limit.read_text())
+            return None if limit >= _V1_NO_MEMORY_LIMIT else limit
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def inflight_byte_budget(memory_limit: int | None, workers: int, largest_request: int) -> int | None:
+    """Bytes of request bodies one worker may hold at once (``server.maxInflightBytes`` when not set).
+
+    Each worker's share of the memory limit, less a warm worker's own memory, times ``INFLIGHT_SHARE``; never
+    below ``largest_request`` (one request of the largest size the limits allow); None without a limit.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if memory_limit is None:
+        return None
+    spare = memory_limit // workers - WORKER_BASE_BYTES
+    return max(largest_request, int(spare * INFLIGHT_SHARE))
+
+
+def largest_request_bytes(max_body_bytes: int, max_request_tokens: int, input_dim: int) -> int:
+    """The largest body the limits admit: ``maxRequestTokens`` FP32 tokens in binary, or ``maxBodyBytes``."""
+    return min(max_body_bytes, max_request_tokens * input_dim * 4)
 
 
 def usable_cpus() -> int:

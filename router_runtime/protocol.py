@@ -108,6 +108,18 @@ def _json_object(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
     return document
 
 
+def _binary_header(body: bytes | bytearray | memoryview, header_length: int) -> dict[str, Any]:
+    """The JSON header of a binary-extension request: its first ``header_length`` bytes."""
+    try:
+        return _json_object(body[:header_length])
+    except ProtocolError as exc:
+        # Often a stale header: tritonclient and kserve write it into the headers dict the caller passed.
+        raise ProtocolError(
+            400,
+            f"the first {header_length} bytes ({HEADER_LENGTH}: {header_length}) are not a JSON object: {exc.message}",
+        ) from None
+
+
 def _lenient_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -250,9 +262,11 @@ def decode_infer_request(
     server that runs it where the tensor is already in cache.
     """
     _require(len(body) > 0, "empty request body: expected an inference request JSON object")
-    header = body if header_length is None else body[:header_length]
-    # A large JSON tensor's numbers go straight into numpy where they can (``json_tensors``).
-    document = (json_tensors.decode_document(body) if header_length is None else None) or _json_object(header)
+    if header_length is None:
+        # A large JSON tensor's numbers go straight into numpy where they can (``json_tensors``).
+        document = json_tensors.decode_document(body) or _json_object(body)
+    else:
+        document = _binary_header(body, header_length)
     request_params = _parameters(document, "request")
     inputs = document.get("inputs")
     _require(isinstance(inputs, list) and len(inputs) > 0, "the request needs a non-empty 'inputs' list")
@@ -277,6 +291,7 @@ def decode_infer_request(
     _require(tokens <= max_tokens, f"too many tokens: {tokens} in one request, the limit is {max_tokens}", status=413)
     count = tokens * shape[-1]
     params = _parameters(tensor, f"input {INPUT_NAME!r}")
+    _refuse_unsupported(params, f"input {INPUT_NAME!r}", _UNSUPPORTED_INPUT_PARAMETERS)
     binary_size = params.get("binary_data_size")
     if binary_size is not None:
         _require(header_length is not None, f"binary_data_size is set but the {HEADER_LENGTH} header is missing")
@@ -368,6 +383,29 @@ def rejected_by_gate(logits: np.ndarray, parts: Sequence[np.ndarray]) -> dict[in
     return rejected
 
 
+_SHARED_MEMORY = "the shared-memory extension is not served: send the tensor in the request body"
+#: Parameters of the OIP/Triton extensions that would change what a tensor holds, refused instead of ignored (and
+#: why); binary_data, binary_data_size and any other parameter are accepted as before.
+_UNSUPPORTED_INPUT_PARAMETERS = {
+    "shared_memory_region": _SHARED_MEMORY,
+    "shared_memory_byte_size": _SHARED_MEMORY,
+    "shared_memory_offset": _SHARED_MEMORY,
+}
+_UNSUPPORTED_OUTPUT_PARAMETERS = {
+    "classification": "the classification extension is not served: the outputs are the routing tensors",
+    "shared_memory_region": "the shared-memory extension is not served: outputs come in the response body",
+    "shared_memory_byte_size": "the shared-memory extension is not served: outputs come in the response body",
+    "shared_memory_offset": "the shared-memory extension is not served: outputs come in the response body",
+}
+
+
+def _refuse_unsupported(params: Mapping[str, Any], where: str, unsupported: Mapping[str, str]) -> None:
+    if unsupported.keys().isdisjoint(params):  # the common case: one hash lookup per parameter sent
+        return
+    name = next(name for name in params if name in unsupported)
+    raise ProtocolError(400, f"{where} parameters.{name} is not supported: {unsupported[name]}")
+
+
 def _requested_outputs(
     document: Mapping[str, Any], request_params: Mapping[str, Any], known: Sequence[str]
 ) -> tuple[tuple[str, ...], frozenset[str]]:
@@ -387,6 +425,7 @@ def _requested_outputs(
         _require(name in known, f"unknown output {name!r}; this model returns {', '.join(known)}")
         _require(name not in names_list, f"output {name!r} is requested twice")
         params = _parameters(entry, f"output {name!r}")
+        _refuse_unsupported(params, f"output {name!r}", _UNSUPPORTED_OUTPUT_PARAMETERS)
         as_binary = params.get("binary_data", all_binary)
         _require(isinstance(as_binary, bool), f"output {name!r} parameters.binary_data must be true or false")
         names_list.append(name)

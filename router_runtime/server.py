@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router_runtime import __version__
-from router_runtime.batching import BatchSlab, DynamicBatcher, Overloaded, Stopped
+from router_runtime.batching import BatchSlab, DynamicBatcher, InflightBytes, Overloaded, Stopped
 from router_runtime.config import RuntimeFileConfig
 from router_runtime.metrics import CONTENT_TYPE, RuntimeMetrics
 from router_runtime.process import cgroup_cpu_limit as cgroup_cpu_limit
@@ -53,7 +53,7 @@ from router_runtime.protocol import (
     rejected_by_gate,
 )
 from router_runtime.router import DynamicRouter, RoutingResult, token_tensor
-from router_runtime.transport import BODY_EXTENSION, BodyIncomplete, DirectBody, direct_body_protocol, infer_model_name
+from router_runtime.transport import BODY_EXTENSION, BodyIncomplete, DirectBody, direct_body_protocol, infer_target
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,12 @@ def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: _json_response("The request is malformed; the message names the problem.", _ERROR_SCHEMA),
     401: _json_response("Missing or wrong API key.", _ERROR_SCHEMA),
-    404: _json_response("Unknown model.", _ERROR_SCHEMA),
+    404: _json_response("Unknown model or version.", _ERROR_SCHEMA),
     413: _json_response("Request body or token count over the limit.", _ERROR_SCHEMA),
-    503: _json_response("Queue full or shutting down; retry after Retry-After seconds.", _ERROR_SCHEMA),
+    415: _json_response("A compressed (Content-Encoding) request body.", _ERROR_SCHEMA),
+    503: _json_response(
+        "Queue or in-flight byte budget full, or shutting down; retry after Retry-After seconds.", _ERROR_SCHEMA
+    ),
 }
 _STATUS_SCHEMA = {"type": "object"}
 _INFER_OK = {
@@ -171,8 +174,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 RawResponse = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
 
+#: ``handler(model name, version or None, scope, receive)``: the inference answer.
+InferHandler = Callable[[str, str | None, Scope, Receive], Awaitable[RawResponse]]
+
+
 class InferFastPath:
-    """ASGI middleware: ``POST /v2/models/{name}/infer`` goes straight to the inference handler.
+    """ASGI middleware: ``POST /v2/models/{name}[/versions/{version}]/infer`` goes straight to the inference handler.
 
     FastAPI's routing, dependency solving, per-route exception/exit-stack wrappers and Starlette's
     Request/Response objects cost a few hundred microseconds of event-loop time per request, which is
@@ -182,16 +189,16 @@ class InferFastPath:
     unchanged, which still documents the endpoint in the OpenAPI document.
     """
 
-    def __init__(self, app: ASGIApp, handler: Callable[[str, Scope, Receive], Awaitable[RawResponse]]) -> None:
+    def __init__(self, app: ASGIApp, handler: InferHandler) -> None:
         self.app = app
         self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        name = infer_model_name(scope) if scope["type"] == "http" else None
-        if name is None:
+        target = infer_target(scope) if scope["type"] == "http" else None
+        if target is None:
             await self.app(scope, receive, send)
             return
-        status, body, headers = await self.handler(name, scope, receive)
+        status, body, headers = await self.handler(target[0], target[1], scope, receive)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -204,7 +211,9 @@ def _raw_error(status: int, message: str, headers: dict[str, str] | None = None)
 
 
 #: Request headers the inference handler reads; the rest of the list is skipped unseen.
-_INFER_HEADERS = frozenset({b"authorization", b"x-api-key", b"content-length", HEADER_LENGTH.lower().encode()})
+_INFER_HEADERS = frozenset(
+    {b"authorization", b"x-api-key", b"content-length", b"content-encoding", HEADER_LENGTH.lower().encode()}
+)
 
 
 def _infer_headers(scope: Scope) -> dict[bytes, bytes]:
@@ -366,8 +375,13 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
             {"WWW-Authenticate": "Bearer"},
         )
 
-    def unknown_model(name: str) -> Response:
-        return _error(404, f"unknown model {name!r}; this server serves {router_config.model_name!r}")
+    def not_served(name: str, version: str | None) -> str | None:
+        """The 404 message for a model or version this server does not serve, else None."""
+        if name != router_config.model_name:
+            return f"unknown model {name!r}; this server serves {router_config.model_name!r}"
+        if version is not None and version != MODEL_VERSION:
+            return f"model {name!r} has no version {version!r}; this server serves version {MODEL_VERSION!r} only"
+        return None
 
     def readiness() -> Response:
         if state.ready:
@@ -400,15 +414,26 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
     async def server_metadata() -> Response:
         return JSONResponse({"name": "moe-router", "version": __version__, "extensions": ["binary_tensor_data"]})
 
-    @app.get(
-        "/v2/models/{model_name}",
-        responses={200: _json_response("Model metadata.", _STATUS_SCHEMA), 401: _ERRORS[401], 404: _ERRORS[404]},
-    )
+    _metadata_responses: dict[int | str, dict[str, Any]] = {
+        200: _json_response("Model metadata.", _STATUS_SCHEMA),
+        401: _ERRORS[401],
+        404: _ERRORS[404],
+    }
+
+    @app.get("/v2/models/{model_name}", responses=_metadata_responses)
     async def model_metadata(model_name: str, request: Request) -> Response:
+        return metadata_response(model_name, None, request)
+
+    @app.get("/v2/models/{model_name}/versions/{model_version}", responses=_metadata_responses)
+    async def model_version_metadata(model_name: str, model_version: str, request: Request) -> Response:
+        return metadata_response(model_name, model_version, request)
+
+    def metadata_response(model_name: str, model_version: str | None, request: Request) -> Response:
         if not authorized(request.headers.get("authorization"), request.headers.get("x-api-key")):
             return unauthorized()
-        if model_name != router_config.model_name:
-            return unknown_model(model_name)
+        missing = not_served(model_name, model_version)
+        if missing is not None:
+            return _error(404, missing)
         k_max = router_config.max_experts
         outputs = [
             {"name": OUTPUT_INDICES, "datatype": "INT64", "shape": [-1, k_max]},
@@ -435,18 +460,21 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
             }
         )
 
-    @app.get(
-        "/v2/models/{model_name}/ready",
-        responses={
-            200: _json_response("Model ready.", _STATUS_SCHEMA),
-            404: _ERRORS[404],
-            503: _json_response("Not ready.", _STATUS_SCHEMA),
-        },
-    )
+    _ready_responses: dict[int | str, dict[str, Any]] = {
+        200: _json_response("Model ready.", _STATUS_SCHEMA),
+        404: _ERRORS[404],
+        503: _json_response("Not ready.", _STATUS_SCHEMA),
+    }
+
+    @app.get("/v2/models/{model_name}/ready", responses=_ready_responses)
     async def model_ready(model_name: str) -> Response:
-        if model_name != router_config.model_name:
-            return unknown_model(model_name)
-        return readiness()
+        missing = not_served(model_name, None)
+        return readiness() if missing is None else _error(404, missing)
+
+    @app.get("/v2/models/{model_name}/versions/{model_version}/ready", responses=_ready_responses)
+    async def model_version_ready(model_name: str, model_version: str) -> Response:
+        missing = not_served(model_name, model_version)
+        return readiness() if missing is None else _error(404, missing)
 
     @app.get("/metrics", responses={200: {"description": "Prometheus metrics.", "content": {"text/plain": {}}}})
     async def prometheus_metrics() -> Response:
@@ -460,9 +488,9 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
     )
     ok_requests = metrics.requests.labels("200")
 
-    async def read_body(scope: Scope, receive: Receive, declared: bytes | None) -> bytes | memoryview:
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ProtocolError(413, f"request body of {declared.decode()} bytes is over the limit of {limit} bytes")
+    inflight = InflightBytes(server_config.max_inflight_bytes)
+
+    async def read_body(scope: Scope, receive: Receive) -> bytes | memoryview:
         direct: DirectBody | None = scope.get("extensions", {}).get(BODY_EXTENSION)
         if direct is not None:  # received by the transport straight into one buffer (released by the caller)
             return await direct.wait()
@@ -480,8 +508,8 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def infer_response(model_name: str, scope: Scope, receive: Receive) -> RawResponse:
-        headers = _infer_headers(scope)
+    def refusal(model_name: str, version: str | None, headers: dict[bytes, bytes]) -> RawResponse | None:
+        """The answer to a request refused from its path and headers alone, before its body is read."""
         if expected_key is not None:
             authorization, x_api_key = headers.get(b"authorization"), headers.get(b"x-api-key")
             if not authorized(
@@ -490,13 +518,60 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
             ):
                 metrics.errors.labels("unauthorized").inc()
                 return unauthorized_answer
-        if model_name != router_config.model_name:
-            metrics.errors.labels("unknown_model").inc()
-            return _raw_error(404, f"unknown model {model_name!r}; this server serves {router_config.model_name!r}")
+        if model_name != router_config.model_name or version is not None:
+            missing = not_served(model_name, version)
+            if missing is not None:
+                metrics.errors.labels("unknown_model").inc()
+                return _raw_error(404, missing)
+        encoding = headers.get(b"content-encoding")
+        if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+            metrics.errors.labels("bad_request").inc()
+            return _raw_error(
+                415,
+                f"Content-Encoding {encoding.decode('latin-1')!r} is not supported: send the request body "
+                "uncompressed (binary tensors compress little)",
+                {"Accept-Encoding": "identity"},
+            )
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            metrics.errors.labels("too_large").inc()
+            return _raw_error(413, f"request body of {declared.decode()} bytes is over the limit of {limit} bytes")
+        return None
+
+    async def infer_response(model_name: str, version: str | None, scope: Scope, receive: Receive) -> RawResponse:
+        headers = _infer_headers(scope)
         direct: DirectBody | None = scope.get("extensions", {}).get(BODY_EXTENSION)
-        reusable = True
+        refused = refusal(model_name, version, headers)
+        held = 0  # body bytes counted against server.maxInflightBytes
+        if refused is None and inflight.budget is not None:
+            declared = headers.get(b"content-length")
+            size = int(declared) if declared is not None and declared.isdigit() else 0  # chunked: counted once in
+            try:
+                inflight.admit(size)
+                held = size
+            except Overloaded as exc:
+                metrics.errors.labels("overloaded").inc()
+                refused = _raw_error(503, str(exc), {"Retry-After": str(exc.retry_after)})
+        if refused is not None:
+            if direct is not None:
+                direct.discard()  # the rest of its body is read and dropped, never stored
+            return refused
         try:
-            body = await read_body(scope, receive, headers.get(b"content-length"))
+            return await routed_response(scope, receive, headers, direct)
+        finally:
+            if held:
+                inflight.release(held)
+
+    async def routed_response(
+        scope: Scope, receive: Receive, headers: dict[bytes, bytes], direct: DirectBody | None
+    ) -> RawResponse:
+        reusable = True
+        chunked_held = 0
+        try:
+            body = await read_body(scope, receive)
+            if inflight.budget is not None and b"content-length" not in headers:
+                inflight.admit(len(body))
+                chunked_held = len(body)
             raw_length = headers.get(HEADER_LENGTH.lower().encode())
             header_length = parse_header_length(raw_length.decode("latin-1") if raw_length else None, len(body))
             decode = functools.partial(
@@ -529,6 +604,8 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
         finally:
             if direct is not None and reusable:
                 direct.release()  # the batch holding it has been copied (or it was never queued)
+            if chunked_held:
+                inflight.release(chunked_held)
         lead = decoded.shape[:-1]
         outputs = {}
         for name in decoded.outputs:
@@ -555,11 +632,11 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
             raw_headers.append((_HEADER_LENGTH_BYTES, str(encoded.json_header_length).encode()))
         return 200, encoded.body, raw_headers
 
-    async def infer_raw(model_name: str, scope: Scope, receive: Receive) -> RawResponse:
+    async def infer_raw(model_name: str, version: str | None, scope: Scope, receive: Receive) -> RawResponse:
         started = time.perf_counter()
         metrics.inflight.inc()
         try:
-            response = await infer_response(model_name, scope, receive)
+            response = await infer_response(model_name, version, scope, receive)
         except Exception:
             log.exception("inference failed")
             metrics.errors.labels("internal").inc()
@@ -570,29 +647,39 @@ def create_app(config: RuntimeFileConfig, api_key: str | None = None, router: Dy
         metrics.request_duration.observe(time.perf_counter() - started)
         return response
 
-    @app.post(
-        "/v2/models/{model_name}/infer",
-        responses={200: _INFER_OK, **_ERRORS},
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": _INFER_REQUEST_SCHEMA},
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                },
-            }
-        },
-    )
-    async def infer(model_name: str, request: Request) -> Response:
-        """The documented route; requests normally reach ``infer_raw`` through ``InferFastPath`` instead."""
-        status, body, headers = await infer_raw(model_name, request.scope, request.receive)
+    _infer_request_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": _INFER_REQUEST_SCHEMA},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    }
+
+    async def documented_infer(model_name: str, version: str | None, request: Request) -> Response:
+        """The documented routes; requests normally reach ``infer_raw`` through ``InferFastPath`` instead."""
+        status, body, headers = await infer_raw(model_name, version, request.scope, request.receive)
         response = Response(body, status_code=status)
         response.raw_headers = headers
         return response
 
+    @app.post("/v2/models/{model_name}/infer", responses={200: _INFER_OK, **_ERRORS}, openapi_extra=_infer_request_body)
+    async def infer(model_name: str, request: Request) -> Response:
+        return await documented_infer(model_name, None, request)
+
+    @app.post(
+        "/v2/models/{model_name}/versions/{model_version}/infer",
+        responses={200: _INFER_OK, **_ERRORS},
+        openapi_extra=_infer_request_body,
+    )
+    async def infer_version(model_name: str, model_version: str, request: Request) -> Response:
+        return await documented_infer(model_name, model_version, request)
+
     # Inside FastAPI too, so an embedding app (without ``uvicorn_config``) still skips the routing machinery.
     app.add_middleware(InferFastPath, handler=infer_raw)
     app.state.infer_raw = infer_raw
+    app.state.inflight = inflight
     return app
 
 

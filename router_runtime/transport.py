@@ -27,6 +27,7 @@ _HEADER_LENGTH = b"inference-header-content-length"
 BODY_EXTENSION = "moe_router.body"
 INFER_PREFIX = "/v2/models/"
 INFER_SUFFIX = "/infer"
+_VERSIONS = "/versions/"
 #: Bodies below this size come in one or two socket reads anyway: uvicorn's usual path is as cheap.
 DIRECT_MIN_BYTES = 32 * 1024
 _SCRATCH_BYTES = 256 * 1024
@@ -35,15 +36,21 @@ _ALIGN = 64
 _HEAD_READ_BYTES = 8 * 1024
 
 
-def infer_model_name(scope: dict[str, Any] | Any) -> str | None:
-    """The model name when ``scope`` is ``POST /v2/models/{name}/infer`` with no ``root_path``, else None."""
+def infer_target(scope: dict[str, Any] | Any) -> tuple[str, str | None] | None:
+    """``(model name, version or None)`` when ``scope`` is ``POST /v2/models/{name}[/versions/{version}]/infer``
+    with no ``root_path``, else None."""
     if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("root_path"):
         return None
     path: str = scope["path"]
     if not (path.startswith(INFER_PREFIX) and path.endswith(INFER_SUFFIX)):
         return None
     name = path[len(INFER_PREFIX) : -len(INFER_SUFFIX)]
-    return name if name and "/" not in name else None
+    if "/" not in name:
+        return (name, None) if name else None
+    name, versions, version = name.partition(_VERSIONS)
+    if not (versions and name and version) or "/" in name or "/" in version:
+        return None
+    return name, version
 
 
 class BodyIncomplete(Exception):
@@ -99,10 +106,11 @@ class DirectBody:
     """A request body being received into one buffer; ``await body.wait()`` for it.
 
     The app calls ``release()`` once nothing reads the body any more (its batch has been copied), which
-    returns the buffer to this thread's pool for a later request.
+    returns the buffer to this thread's pool for a later request, or ``discard()`` when it answers before
+    the body is in (a refused request), so the rest of the body is read and dropped, not stored.
     """
 
-    __slots__ = ("_pool", "_view", "buffer", "filled", "future", "size")
+    __slots__ = ("_pool", "_view", "buffer", "discarded", "filled", "future", "size")
 
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop, tensor_offset: int = 0) -> None:
         self.size = size
@@ -113,6 +121,7 @@ class DirectBody:
         pad = -(self.buffer.ctypes.data + tensor_offset) % _ALIGN
         self._view = self.buffer.data[pad : pad + size]
         self.filled = 0
+        self.discarded = False
         self.future: asyncio.Future[memoryview] = loop.create_future()
 
     def release(self) -> None:
@@ -120,6 +129,12 @@ class DirectBody:
         if self.buffer is not None:
             self._pool.give(self.buffer)
             self.buffer = None
+
+    def discard(self) -> None:
+        """The request is answered without its body: read the rest of it into scratch space and drop it."""
+        if not self.complete:
+            self.discarded = True
+            self.release()
 
     @property
     def body(self) -> memoryview:
@@ -130,11 +145,14 @@ class DirectBody:
         return self.filled == self.size
 
     def remaining(self) -> memoryview:
+        if self.discarded:  # each read lands in scratch space, never past this body's end
+            return _thread_scratch()[: self.size - self.filled]
         return self._view[self.filled :]
 
     def append(self, chunk: bytes) -> None:
         end = min(self.size, self.filled + len(chunk))
-        self._view[self.filled : end] = chunk[: end - self.filled]
+        if not self.discarded:
+            self._view[self.filled : end] = chunk[: end - self.filled]
         self.filled = end
 
     def finish(self) -> None:
@@ -231,7 +249,7 @@ class DirectBodyHttp(HttpToolsProtocol):
         cycle = self.cycle
         if self.pipeline or cycle is None or cycle.scope is not self.scope or self.expect_100_continue:
             return
-        if infer_model_name(self.scope) is None:
+        if infer_target(self.scope) is None:
             return
         length: int | None = None
         tensor_offset = 0

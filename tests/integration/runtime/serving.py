@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,10 +56,14 @@ def serve_process(
     *args: str,
     env: Mapping[str, str] | None = None,
     ready_timeout: float = 60,
+    replace_env: bool = False,
+    cwd: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``python -m router_runtime serve`` with the config ``wire`` (camelCase) written to ``directory``.
 
-    Yields its URL once ready and the process; kills it on exit if the test left it running.
+    ``env`` is added to this process's environment, or replaces it with ``replace_env``. Yields its URL once
+    ready and the process; kills it on exit if the test left it running.
     """
     config_file = directory / "router.yaml"
     config_file.write_text(RuntimeFileConfig.model_validate(wire).to_yaml())
@@ -67,7 +71,9 @@ def serve_process(
     process = subprocess.Popen(
         [sys.executable, "-m", "router_runtime", "serve", "--config", str(config_file), "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning", *args],
-        env=os.environ | {"MOE_ROUTER_API_KEY": ""} | dict(env or {}),
+        env=(dict(env or {}) if replace_env else os.environ | {"MOE_ROUTER_API_KEY": ""} | dict(env or {})),
+        cwd=cwd,
+        preexec_fn=preexec_fn,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,8 +1,11 @@
-"""Back-pressure (503 + Retry-After when the queue is full) and graceful SIGTERM of the real process."""
+"""Back-pressure (503 + Retry-After when the queue or the in-flight byte budget is full) and graceful SIGTERM of the
+real process."""
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +18,7 @@ import torch
 
 from router_runtime.client import route
 from router_runtime.config import RuntimeFileConfig
-from router_runtime.protocol import encode_request
+from router_runtime.protocol import HEADER_LENGTH, encode_request
 from router_runtime.router import DynamicRouter, RoutingResult
 from tests.integration.runtime.conftest import small_config
 from tests.integration.runtime.serving import running_server, serve_process
@@ -61,6 +64,63 @@ def test_full_queue_is_answered_503_with_retry_after() -> None:
     assert rejected.status_code == 503
     assert rejected.headers["retry-after"] == "1"
     assert "overloaded" in rejected.json()["error"]
+
+
+def budgeted_config(max_inflight_bytes: int) -> RuntimeFileConfig:
+    wire = small_config().model_dump(by_alias=True, mode="json")
+    wire["server"]["maxInflightBytes"] = max_inflight_bytes
+    return RuntimeFileConfig.model_validate(wire)
+
+
+def infer_request(t: int) -> tuple[bytes, bytes]:
+    """Head and body of a binary infer request; 512 tokens of 16 (32 kB) take the transport's direct buffer."""
+    body, headers = encode_request(np.full((t, 16), 0.1, np.float32), binary=True)
+    head = f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+    head += f"{HEADER_LENGTH}: {headers[HEADER_LENGTH]}\r\n\r\n"
+    return head.encode(), body
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, lower-cased headers and body of the one response ``sock`` has to read."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    fields = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:])}
+    while len(body) < int(fields["content-length"]):
+        body += sock.recv(65536)
+    return int(lines[0].split(" ", 2)[1]), fields, body
+
+
+def test_a_request_past_the_inflight_byte_budget_is_answered_503_with_retry_after() -> None:
+    head, body = infer_request(512)
+    with running_server(budgeted_config(len(body) + 1000)) as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as first, socket.create_connection(
+            ("127.0.0.1", port), timeout=10
+        ) as second:
+            first.sendall(head + body[: len(body) // 2])  # admitted, its body still arriving
+            deadline = time.monotonic() + 10
+            while app.state.inflight.held == 0:
+                assert time.monotonic() < deadline, "the first request was never admitted"
+                time.sleep(0.01)
+            second.sendall(head + body)
+            status, fields, answer = read_answer(second)
+            assert status == 503 and fields["retry-after"] == "1"
+            assert "would pass the budget" in json.loads(answer)["error"]
+            first.sendall(body[len(body) // 2 :])
+            assert read_answer(first)[0] == 200
+            second.sendall(head + body)  # its refused body was read and dropped: the connection is in step
+            assert read_answer(second)[0] == 200
+        assert app.state.inflight.held == 0
+        assert 'moe_router_errors_total{reason="overloaded"} 1.0' in httpx.get(url + "/metrics").text
+
+
+def test_a_request_larger_than_the_budget_is_admitted_when_alone() -> None:
+    body, headers = encode_request(np.full((512, 16), 0.1, np.float32), binary=True)
+    with running_server(budgeted_config(1024)) as (url, _app):
+        assert httpx.post(url + "/v2/models/tiny/infer", content=body, headers=headers).status_code == 200
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_within_grace(tmp_path: Path) -> None:

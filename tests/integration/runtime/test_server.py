@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import httpx
@@ -251,3 +252,57 @@ def test_metrics_expose_the_documented_names(server_url: str) -> None:
 def test_openapi_document_is_served(server_url: str) -> None:
     paths = httpx.get(server_url + "/openapi.json").json()["paths"]
     assert "/v2/models/{model_name}/infer" in paths
+
+
+def test_the_advertised_version_is_served_under_its_versioned_paths(server_url: str) -> None:
+    versioned = server_url + "/v2/models/tiny/versions/1"
+    assert httpx.get(server_url + "/v2/models/tiny").json()["versions"] == ["1"]
+    assert httpx.get(versioned).json() == httpx.get(server_url + "/v2/models/tiny").json()
+    assert httpx.get(versioned + "/ready").status_code == 200
+    for binary in (True, False):  # the binary body takes the fast path, as the unversioned one does
+        body, headers = encode_request(tokens(), binary=binary)
+        response = httpx.post(versioned + "/infer", content=body, headers=headers)
+        assert response.status_code == 200
+        header = response.content[: int(response.headers.get(HEADER_LENGTH, len(response.content)))]
+        assert json.loads(header)["model_version"] == "1"
+
+
+@pytest.mark.parametrize(("method", "suffix"), [("GET", ""), ("GET", "/ready"), ("POST", "/infer")])
+def test_another_version_is_answered_404_naming_the_one_served(server_url: str, method: str, suffix: str) -> None:
+    response = httpx.request(method, server_url + "/v2/models/tiny/versions/2" + suffix, content=b"{}")
+    assert response.status_code == 404
+    assert response.json()["error"] == "model 'tiny' has no version '2'; this server serves version '1' only"
+
+
+def test_an_unknown_model_under_a_versioned_path_is_named(server_url: str) -> None:
+    response = httpx.post(server_url + "/v2/models/other/versions/1/infer", content=b"{}")
+    assert response.status_code == 404
+    assert "unknown model 'other'" in response.json()["error"]
+
+
+def test_a_compressed_body_is_answered_415_naming_the_encoding(server_url: str) -> None:
+    body, headers = encode_request(tokens(), binary=True)
+    compressed = headers | {"Content-Encoding": "gzip"}
+    response = httpx.post(server_url + INFER, content=gzip.compress(body), headers=compressed)
+    assert response.status_code == 415
+    assert response.json()["error"].startswith("Content-Encoding 'gzip' is not supported: send the request body")
+    assert response.headers["accept-encoding"] == "identity"
+    plain = httpx.post(server_url + INFER, content=body, headers=headers | {"Content-Encoding": "identity"})
+    assert plain.status_code == 200
+
+
+def test_a_stale_header_length_is_answered_400_naming_the_bytes_read(server_url: str) -> None:
+    body, headers = encode_request(tokens(), binary=True)
+    response = httpx.post(server_url + INFER, content=body, headers=headers | {HEADER_LENGTH: "20"})
+    assert response.status_code == 400
+    assert response.json()["error"].startswith(
+        f"the first 20 bytes ({HEADER_LENGTH}: 20) are not a JSON object: malformed JSON"
+    )
+
+
+def test_an_output_asked_as_a_classification_is_answered_400(server_url: str) -> None:
+    outputs = [{"name": "expert_indices", "parameters": {"classification": 2}}]
+    document = hidden([1, 16], [0.0] * 16) | {"outputs": outputs}
+    response = post_json(server_url, document)
+    assert response.status_code == 400
+    assert "output 'expert_indices' parameters.classification is not supported" in response.json()["error"]

@@ -145,3 +145,13 @@ def test_dockerignore_sends_only_the_sources() -> None:
 def test_parser_rejects_a_dangling_continuation() -> None:
     with pytest.raises(ValueError, match="dangling line continuation"):
         instructions("FROM python:3.11.11-slim AS x\nRUN echo \\\n")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_images_ship_byte_compiled_dependencies(target: str) -> None:
+    # The root filesystem is read-only at run time: without .pyc from the build, every start compiles torch,
+    # numba and fastapi again (measured: import 5.1-8.2 s instead of 1.9-2.3 s).
+    runs = [run.arguments for candidate in lineage(target) for run in candidate.all("RUN")]
+    installs = [command for command in runs if "pip install" in command]
+    assert installs
+    assert not [command for command in installs if "--no-compile" in command]

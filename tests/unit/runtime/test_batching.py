@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from router_runtime.batching import BatchSlab, DynamicBatcher, Overloaded, Stopped
+from router_runtime.batching import BatchSlab, DynamicBatcher, InflightBytes, Overloaded, Stopped
 
 
 class Recorder:
@@ -214,3 +214,36 @@ def test_a_slab_of_a_fixed_dtype_converts_each_request_with_its_copier() -> None
     tokens, sizes, _ = slab.gather([rows(1, 3.0), half])
     assert tokens.tolist() == [[3.0, 3.0], [1.5, 1.5], [1.5, 1.5]] and sizes == [1, 2]
     assert copied == [np.float16, np.float32, np.float16]
+
+
+def test_the_byte_budget_refuses_a_request_that_would_pass_it() -> None:
+    inflight = InflightBytes(1000)
+    inflight.admit(600)
+    with pytest.raises(Overloaded, match=r"600 bytes of requests in flight, this one's 500 .* budget of 1000 bytes"):
+        inflight.admit(500)
+    inflight.admit(400)  # up to the budget exactly
+    assert inflight.held == 1000
+
+
+def test_one_request_alone_is_admitted_whatever_its_size() -> None:
+    inflight = InflightBytes(1000)
+    inflight.admit(5000)
+    inflight.release(5000)
+    inflight.admit(5000)
+    assert inflight.held == 5000
+
+
+def test_released_bytes_make_room_again() -> None:
+    inflight = InflightBytes(1000)
+    inflight.admit(800)
+    inflight.admit(200)
+    inflight.release(800)
+    inflight.admit(700)
+    assert inflight.held == 900
+
+
+def test_without_a_budget_every_request_is_admitted() -> None:
+    inflight = InflightBytes(None)
+    for _ in range(3):
+        inflight.admit(10**9)
+    assert inflight.held == 3 * 10**9

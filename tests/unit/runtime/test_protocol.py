@@ -278,3 +278,43 @@ def test_tokens_already_in_16_bits_are_sent_as_they_are() -> None:
         assert np.array_equal(decode(body).tokens, decode(*binary_body(x, datatype)).tokens)
     with pytest.raises(ValueError, match="uint16 array is taken for BF16 patterns"):
         encode_request(bits, binary=True, datatype="FP32")
+
+
+def test_a_stale_header_length_names_the_bytes_it_made_the_server_read() -> None:
+    body, headers = encode_request(np.zeros((2, 4), np.float32), binary=True)
+    stale = int(headers["Inference-Header-Content-Length"]) - 5  # left over from another request
+    with pytest.raises(ProtocolError) as caught:
+        decode(body, stale)
+    assert caught.value.status == 400
+    assert caught.value.message.startswith(
+        f"the first {stale} bytes (Inference-Header-Content-Length: {stale}) are not a JSON object: malformed JSON"
+    )
+
+
+@pytest.mark.parametrize("name", ["shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"])
+def test_an_input_in_shared_memory_is_refused_by_name(name: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode(request([1, 4], [0.0] * 4).replace(b'"data"', f'"parameters": {{"{name}": 1}}, "data"'.encode()))
+    assert caught.value.status == 400
+    assert f"input 'hidden_states' parameters.{name} is not supported: the shared-memory extension" in (
+        caught.value.message
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [("classification", "the classification extension"), ("shared_memory_region", "the shared-memory extension")],
+)
+def test_an_output_parameter_that_changes_the_answer_is_refused_by_name(name: str, fragment: str) -> None:
+    outputs = [{"name": "expert_indices", "parameters": {name: 2}}]
+    with pytest.raises(ProtocolError) as caught:
+        decode(request([1, 4], [0.0] * 4, outputs=outputs))
+    assert caught.value.status == 400
+    assert f"output 'expert_indices' parameters.{name} is not supported: {fragment}" in caught.value.message
+
+
+def test_binary_flags_and_custom_parameters_are_still_accepted() -> None:
+    outputs = [{"name": "expert_indices", "parameters": {"binary_data": False, "my_trace_id": "x"}}]
+    document = json.loads(request([1, 4], [0.0] * 4, outputs=outputs))
+    document["inputs"][0]["parameters"] = {"my_tag": 3}
+    assert decode(json.dumps(document).encode()).outputs == ("expert_indices",)
