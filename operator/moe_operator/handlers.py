@@ -1,7 +1,9 @@
 """kopf wiring only: settings, the MoERouter handlers, the child watches and the timers.
 
-Every handler takes the per-MoERouter lock and calls into ``reconcile``; nothing here computes
-children or status. Timer periods come from the environment so tests can run fast:
+Every handler takes the per-MoERouter lock, reads the MoERouter afresh under it (the body kopf
+passed may predate a write made while the handler waited: a predictive tick's floor and condition),
+and calls into ``reconcile``; nothing here computes children or status. Timer periods come from the
+environment so tests can run fast:
 ``MOE_OPERATOR_RESYNC_SECONDS`` (drift timer, default 300), ``MOE_OPERATOR_PREDICTIVE_TICK_SECONDS``
 (how often the predictive timer checks whether its per-object interval is due, default 10) and
 ``MOE_OPERATOR_WATCH_TIMEOUT_SECONDS`` (server-side watch timeout, default 600) and
@@ -10,8 +12,11 @@ children or status. Timer periods come from the environment so tests can run fas
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -82,9 +87,9 @@ def _backoff(retry: int) -> float:
     return float(min(RETRY_BASE_SECONDS * 2**retry, MAX_BACKOFF_SECONDS))
 
 
-def _report(body: kopf.Body, outcome: reconcile.Outcome) -> None:
+def _report(body: kopf.Body | Mapping[str, Any], outcome: reconcile.Outcome) -> None:
     if outcome.problem is not None and outcome.new_problem:
-        kopf.warn(body, reason=outcome.problem.reason, message=outcome.problem.message)
+        kopf.warn(body, reason=outcome.problem.reason, message=outcome.problem.message)  # type: ignore[arg-type]
 
 
 @kopf.on.resume(*ROUTERS)
@@ -94,7 +99,10 @@ async def reconcile_router(
     body: kopf.Body, memo: kopf.Memo, retry: int, reason: str, namespace: str | None, name: str, **_: Any
 ) -> None:
     async with reconcile.lock_for(namespace or "", name):
-        outcome = await reconcile.reconcile(memo.kube, body, trigger=str(reason))
+        current = await reconcile.current_router(memo.kube, body)
+        if current is None:
+            return  # deleted while waiting: the children go with the owner references
+        outcome = await reconcile.reconcile(memo.kube, current, trigger=str(reason))
     _report(body, outcome)
     if outcome.problem is not None and outcome.invalid_spec:
         raise kopf.PermanentError(f"{outcome.problem.reason}: {outcome.problem.message}")
@@ -107,10 +115,27 @@ async def forget_router(namespace: str | None, name: str, **_: Any) -> None:
     reconcile.forget(namespace or "", name)  # the children go with the owner references
 
 
+DRIFT_SPREAD_DONE = "drift_spread_done"
+
+
+def spread_fraction(namespace: str, name: str) -> float:
+    """A stable fraction in [0, 1) for one MoERouter: where its periodic work falls within a period."""
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 @kopf.timer(*ROUTERS, id="drift", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 async def resync(body: kopf.Body, memo: kopf.Memo, namespace: str | None, name: str, **_: Any) -> None:
+    if not memo.get(DRIFT_SPREAD_DONE):
+        # Every router's timer starts with the operator: without a spread, all of them resync in the same
+        # second of every period (a burst of API calls at each). Each run is due an interval after the last.
+        memo[DRIFT_SPREAD_DONE] = True
+        await asyncio.sleep(spread_fraction(namespace or "", name) * RESYNC_SECONDS)
     async with reconcile.lock_for(namespace or "", name):
-        outcome = await reconcile.reconcile(memo.kube, body, trigger="resync")
+        current = await reconcile.current_router(memo.kube, body)
+        if current is None:
+            return
+        outcome = await reconcile.reconcile(memo.kube, current, trigger="resync")
     _report(body, outcome)
 
 
@@ -125,7 +150,10 @@ async def predictive(body: kopf.Body, memo: kopf.Memo, namespace: str | None, na
     if not reconcile.predictive_due(memo, body, now):
         return
     async with reconcile.lock_for(namespace or "", name):
-        outcome = await reconcile.predictive_tick(memo.kube, body, memo, now=now)
+        current = await reconcile.current_router(memo.kube, body)
+        if current is None:
+            return
+        outcome = await reconcile.predictive_tick(memo.kube, current, memo, now=now)
     _report(body, outcome)
 
 
@@ -133,7 +161,11 @@ async def on_child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_
     kube: Kube | None = memo.get("kube")
     if kube is None:
         return
-    await reconcile.refresh_from_child(kube, body, deleted=type == "DELETED")
+    outcome = await reconcile.refresh_from_child(kube, body, deleted=type == "DELETED")
+    if outcome is not None and outcome.router is not None:
+        # A problem a child's event finds first (a spec edit racing its rollout) gets its Warning event here:
+        # the MoERouter's own handler, reading the status this wrote, sees nothing new to report.
+        _report(outcome.router, outcome)
 
 
 for _child in WATCHED_CHILDREN:

@@ -59,6 +59,8 @@ class Outcome:
     problem: Problem | None = None
     new_problem: bool = False  # the Degraded reason/message differs from what the status said
     invalid_spec: bool = False
+    #: The MoERouter reconciled (as read then): what a Warning event about ``problem`` is attached to.
+    router: Mapping[str, Any] | None = None
 
     @property
     def writes(self) -> int:
@@ -81,6 +83,17 @@ _config_maps_pruned: dict[tuple[str, str, str], str] = {}
 def lock_for(namespace: str, name: str) -> asyncio.Lock:
     """One lock per MoERouter: reconciles of the same object never interleave."""
     return _locks[(namespace, name)]
+
+
+async def current_router(kube: Kube, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The MoERouter as the API server holds it now (None once it is gone).
+
+    Handlers call this under the object's lock: the body an event or timer was started with can
+    predate what another handler wrote while this one waited for the lock (a predictive tick's
+    floor and PredictionReady condition), and reconciling from it would undo those writes.
+    """
+    metadata = body.get("metadata") or {}
+    return await kube.get(MOEROUTERS, metadata.get("namespace"), metadata["name"])
 
 
 def forget(namespace: str, name: str) -> None:
@@ -246,7 +259,7 @@ async def reconcile(
     moment = now or datetime.now(tz=UTC)
     owner = Owner.from_body(body)
     status = body.get("status") or {}
-    outcome = Outcome()
+    outcome = Outcome(router=body)
     with RECONCILE_SECONDS.labels(trigger=trigger).time():
         try:
             spec = parse_spec(body.get("spec"))
@@ -527,8 +540,11 @@ async def refresh_from_child(kube: Kube, child: Mapping[str, Any], *, deleted: b
             if degraded is not None and degraded[0] != "ProgressDeadlineExceeded":
                 # A conflict, an RBAC refusal or a rejection is judged only by a whole reconcile.
                 return await reconcile(kube, owner_body, trigger="child")
-            outcome = Outcome()
+            outcome = Outcome(router=owner_body)
             problem = await check_references(kube, namespace, spec)
+            if problem is not None:  # first seen here (a spec edit racing its rollout): the event is posted here
+                outcome.problem = problem
+                outcome.new_problem = _degraded(owner_body.get("status") or {}) != (problem.reason, problem.message)
             outcome.status_written = await write_status(
                 kube, owner_body, spec=spec, deployment=current, problem=problem, now=datetime.now(tz=UTC)
             )
@@ -542,6 +558,13 @@ async def refresh_from_child(kube: Kube, child: Mapping[str, Any], *, deleted: b
 
 PREDICTIVE_LAST_TICK = "predictive_last_tick"
 PREDICTIVE_STATE = "predictive_state"
+PREDICTIVE_LAST_WRITE = "predictive_last_write"
+#: A tick whose status differs only in what moves every tick (the predicted load, the backtest error,
+#: the condition's message and the prediction's timestamp) writes it at most this often: each write is a
+#: watch event for every client watching MoERouters (GitOps controllers, ``kubectl get -w``).
+STATUS_REFRESH_SECONDS = 600.0
+#: Prediction fields a tick may change without a write (within ``STATUS_REFRESH_SECONDS``).
+_VOLATILE_PREDICTION_KEYS = frozenset({"predictedLoad", "backtestError", "updatedAt"})
 
 
 def predictive_due(memo: Any, body: Mapping[str, Any], now: datetime) -> bool:
@@ -602,6 +625,21 @@ def _wire(value: Any) -> dict[str, Any]:
     return {key: item for key, item in dict(value).items() if item is not None}
 
 
+def _materially_changed(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether a predictive status write says something new: a condition's status or reason, or a
+    prediction field other than the load, the backtest error and the timestamp (a floor, a model)."""
+    def conditions(status: Mapping[str, Any]) -> dict[Any, tuple[Any, Any]]:
+        return {c.get("type"): (c.get("status"), c.get("reason")) for c in status.get("conditions") or []}
+
+    def stable(status: Mapping[str, Any]) -> dict[str, Any] | None:
+        prediction = status.get("prediction")
+        if prediction is None:
+            return None
+        return {key: value for key, value in prediction.items() if key not in _VOLATILE_PREDICTION_KEYS}
+
+    return conditions(current) != conditions(desired) or stable(current) != stable(desired)
+
+
 def _without_timestamp(prediction: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in prediction.items() if key != "updatedAt"}
 
@@ -658,8 +696,11 @@ async def predictive_tick(kube: Kube, body: Mapping[str, Any], memo: Any, *, now
     if prediction:
         desired["prediction"] = prediction
     patch = status_patch(current, desired)
-    if patch:
+    last_write: datetime | None = memo.get(PREDICTIVE_LAST_WRITE)
+    due = last_write is None or (now - last_write).total_seconds() >= STATUS_REFRESH_SECONDS
+    if patch and (due or _materially_changed(current, desired)):
         await kube.patch_status(MOEROUTERS, namespace, name, patch)
+        memo[PREDICTIVE_LAST_WRITE] = now
         outcome.status_written = True
     if floor is not None and floor != predictive_floor(spec, current):
         applied = await reconcile(

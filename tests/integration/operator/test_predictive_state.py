@@ -261,3 +261,53 @@ async def test_a_missing_credentials_secret_holds_the_floor_for_the_grace_period
     body = await tick(kube, "lost-secret", memo, now + timedelta(seconds=3600 + 700))
     assert hpa_min_replicas(running, "lost-secret") == 2
     assert "grace period over" in prediction_ready(body)["message"]
+
+
+@pytest.mark.prometheus
+@pytest.mark.parametrize("handler", ["create", "resync"])
+async def test_a_handler_that_waited_for_the_lock_keeps_what_the_tick_before_it_wrote(sandbox, prometheus, handler):
+    # kopf hands a handler the body of the event that started it; a predictive tick can write the floor
+    # and PredictionReady while the handler waits for the router's lock. Reconciling that older body
+    # put the spec's minReplicas back on the HPA and dropped the condition until the next resync.
+    import kopf
+
+    from moe_operator import handlers
+
+    running, kube = sandbox
+    server, _ = prometheus  # the handler's tick runs at the real time: the data ends just before it
+    stale = await router(kube, "steady", predictive_spec(server.url, capacityPerReplica=5), None)
+    assert hpa_min_replicas(running, "steady") == 2
+    memo = kopf.Memo()
+    memo.kube = kube
+    # kopf's decorators type the handlers as its callbacks (every kwarg kopf passes); called as kopf would.
+    predictive: Any = handlers.predictive
+    reconcile_router: Any = handlers.reconcile_router
+    resync: Any = handlers.resync
+    await predictive(body=stale, memo=memo, namespace="default", name="steady")
+    assert hpa_min_replicas(running, "steady") == 6  # 20 requests/s at 70% of 5 each
+    if handler == "create":
+        await reconcile_router(body=stale, memo=memo, retry=0, reason="create", namespace="default", name="steady")
+    else:
+        memo[handlers.DRIFT_SPREAD_DONE] = True  # its first run waits for its place in the period: not here
+        await resync(body=stale, memo=memo, namespace="default", name="steady")
+    assert hpa_min_replicas(running, "steady") == 6
+    assert prediction_ready(await stored(kube, "steady"))["reason"] == "Forecasting"
+
+
+@pytest.mark.prometheus
+async def test_a_tick_that_only_moves_the_load_writes_the_status_at_most_every_ten_minutes(sandbox, prometheus):
+    running, kube = sandbox
+    server, end = prometheus
+    now = datetime.fromtimestamp(end, tz=UTC)
+    await router(kube, "steady", predictive_spec(server.url), None)
+    memo: dict[str, Any] = {}
+    start = now - timedelta(seconds=600)
+    first = await tick(kube, "steady", memo, start)
+    mark = len(running.sandbox.log)
+    # One more 5-minute sample of noisy load: the forecast moves, the floor and the model do not.
+    second = await tick(kube, "steady", memo, start + timedelta(seconds=300))
+    assert second["status"]["prediction"] == first["status"]["prediction"]
+    assert [call for call in running.sandbox.log[mark:] if call.is_write] == []
+    third = await tick(kube, "steady", memo, start + timedelta(seconds=600))
+    assert third["status"]["prediction"]["updatedAt"] != first["status"]["prediction"]["updatedAt"]
+    assert third["status"]["prediction"]["predictedLoad"] != first["status"]["prediction"]["predictedLoad"]

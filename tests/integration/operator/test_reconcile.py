@@ -14,7 +14,7 @@ from moe_operator.api import parse_spec
 from moe_operator.children import Owner, desired_config_map
 from moe_operator.kube import MOEROUTERS, Kube
 from moe_operator.reconcile import forget as reconcile_forget
-from moe_operator.reconcile import reconcile
+from moe_operator.reconcile import reconcile, refresh_from_child
 from moe_operator.sandbox import Running
 from tests.integration.operator.harness import example_router, sandbox_with_client
 
@@ -138,6 +138,25 @@ async def test_a_referenced_key_that_is_not_text_is_named(sandbox):
         "spec.runtime.apiKeySecretRef: key 'token' of Secret default/k is not UTF-8 text"
     )
     assert outcome.applied == []
+
+
+async def test_a_problem_a_child_event_finds_first_is_reported_with_its_router(sandbox):
+    # A spec edit races its own rollout: the Deployment's event can reconcile the new spec before the
+    # MoERouter's update handler does. That handler then finds the problem already in the status, so the
+    # Warning event has to come from the child's path.
+    running, kube = sandbox
+    await reconcile(kube, await created_router(running, kube), trigger="test")
+    await running.sandbox.settle()
+    router = await kube.get(MOEROUTERS, "default", "r")
+    assert router is not None
+    router["spec"]["runtime"]["apiKeySecretRef"] = {"name": "missing", "key": "token"}
+    await kube.apply(MOEROUTERS, {key: router[key] for key in ("apiVersion", "kind", "metadata", "spec")})
+    deployment = running.sandbox.object_of("apps", "v1", "deployments", "default", "r")
+    outcome = await refresh_from_child(kube, deployment, deleted=False)
+    assert outcome is not None and outcome.problem is not None and outcome.problem.reason == "SecretNotFound"
+    assert outcome.new_problem and outcome.router is not None and outcome.router["metadata"]["name"] == "r"
+    again = await reconcile(kube, await kube.get(MOEROUTERS, "default", "r"), trigger="update")
+    assert again.problem is not None and not again.new_problem  # reported once
 
 
 def test_the_kubeconfig_env_is_what_the_client_reads(sandbox):
