@@ -101,42 +101,31 @@ async def test_the_degraded_condition_is_exported_for_the_alert_and_cleared_when
     assert degraded("ReconcileSucceeded") is None
 
 
-async def test_a_missing_secret_key_is_named(sandbox):
+async def reconciled_with_api_key_secret(sandbox: tuple[Running, Kube], data: dict[str, bytes]) -> Any:
+    """Reconcile router ``r`` whose runtime.apiKeySecretRef is key ``token`` of Secret ``k`` holding ``data``."""
     running, kube = sandbox
-    running.sandbox.seed("", "v1", "secrets", {
-        "metadata": {"name": "k", "namespace": "default"}, "data": {"other": base64.b64encode(b"x").decode()},
-    })
+    encoded = {key: base64.b64encode(value).decode() for key, value in data.items()}
+    running.sandbox.seed("", "v1", "secrets", {"metadata": {"name": "k", "namespace": "default"}, "data": encoded})
     router = await created_router(running, kube)
     router["spec"]["runtime"]["apiKeySecretRef"] = {"name": "k", "key": "token"}
-    outcome = await reconcile(kube, router, trigger="test")
+    return await reconcile(kube, router, trigger="test")
+
+
+async def test_a_missing_secret_key_is_named(sandbox):
+    outcome = await reconciled_with_api_key_secret(sandbox, {"other": b"x"})
     assert outcome.problem is not None and outcome.problem.reason == "SecretKeyNotFound"
     assert "'token'" in outcome.problem.message and outcome.applied == []
 
 
 async def test_a_binary_key_beside_the_referenced_one_does_not_matter(sandbox):
-    running, kube = sandbox
-    running.sandbox.seed("", "v1", "secrets", {
-        "metadata": {"name": "k", "namespace": "default"},
-        "data": {"token": base64.b64encode(b"s3cret").decode(), "keystore.p12": base64.b64encode(b"\x80\xff").decode()},
-    })
-    router = await created_router(running, kube)
-    router["spec"]["runtime"]["apiKeySecretRef"] = {"name": "k", "key": "token"}
-    outcome = await reconcile(kube, router, trigger="test")
+    outcome = await reconciled_with_api_key_secret(sandbox, {"token": b"s3cret", "keystore.p12": b"\x80\xff"})
     assert outcome.problem is None and len(outcome.applied) == 6
 
 
 async def test_a_referenced_key_that_is_not_text_is_named(sandbox):
-    running, kube = sandbox
-    running.sandbox.seed("", "v1", "secrets", {
-        "metadata": {"name": "k", "namespace": "default"}, "data": {"token": base64.b64encode(b"\x80\xff").decode()},
-    })
-    router = await created_router(running, kube)
-    router["spec"]["runtime"]["apiKeySecretRef"] = {"name": "k", "key": "token"}
-    outcome = await reconcile(kube, router, trigger="test")
+    outcome = await reconciled_with_api_key_secret(sandbox, {"token": b"\x80\xff"})
     assert outcome.problem is not None and outcome.problem.reason == "SecretKeyInvalid"
-    assert outcome.problem.message == (
-        "spec.runtime.apiKeySecretRef: key 'token' of Secret default/k is not UTF-8 text"
-    )
+    assert outcome.problem.message == "spec.runtime.apiKeySecretRef: key 'token' of Secret default/k is not UTF-8 text"
     assert outcome.applied == []
 
 
