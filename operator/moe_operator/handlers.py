@@ -13,7 +13,6 @@ environment so tests can run fast:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from moe_operator import api, reconcile
 from moe_operator.children import CONFIG_MAP, DEPLOYMENT, HPA, NETWORK_POLICY, PDB, SERVICE
 from moe_operator.kube import Kube
 from moe_operator.labels import ANNOTATION_PREFIX, FINALIZER, MANAGED_BY_LABEL, OPERATOR_NAME
+from moe_operator.phase import router_phase
 
 
 def _seconds(variable: str, default: float) -> float:
@@ -118,19 +118,13 @@ async def forget_router(namespace: str | None, name: str, **_: Any) -> None:
 DRIFT_SPREAD_DONE = "drift_spread_done"
 
 
-def spread_fraction(namespace: str, name: str) -> float:
-    """A stable fraction in [0, 1) for one MoERouter: where its periodic work falls within a period."""
-    digest = hashlib.sha256(f"{namespace}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
 @kopf.timer(*ROUTERS, id="drift", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 async def resync(body: kopf.Body, memo: kopf.Memo, namespace: str | None, name: str, **_: Any) -> None:
     if not memo.get(DRIFT_SPREAD_DONE):
         # Every router's timer starts with the operator: without a spread, all of them resync in the same
         # second of every period (a burst of API calls at each). Each run is due an interval after the last.
         memo[DRIFT_SPREAD_DONE] = True
-        await asyncio.sleep(spread_fraction(namespace or "", name) * RESYNC_SECONDS)
+        await asyncio.sleep(router_phase(namespace or "", name) * RESYNC_SECONDS)
     async with reconcile.lock_for(namespace or "", name):
         current = await reconcile.current_router(memo.kube, body)
         if current is None:
@@ -149,11 +143,9 @@ async def predictive(body: kopf.Body, memo: kopf.Memo, namespace: str | None, na
     now = datetime.now(tz=UTC)
     if not reconcile.predictive_due(memo, body, now):
         return
-    async with reconcile.lock_for(namespace or "", name):
-        current = await reconcile.current_router(memo.kube, body)
-        if current is None:
-            return
-        outcome = await reconcile.predictive_tick(memo.kube, current, memo, now=now)
+    # The lock is taken for the writes only: a spec edit never waits for a Prometheus query.
+    lock = reconcile.lock_for(namespace or "", name)
+    outcome = await reconcile.predictive_tick(memo.kube, body, memo, now=now, lock=lock)
     _report(body, outcome)
 
 

@@ -1,7 +1,8 @@
 """The only Kubernetes client of the operator (besides kopf's own watch machinery).
 
 It wraps the official ``kubernetes`` client (kubeconfig with exec plugins, or in-cluster config) and
-calls it through ``asyncio.to_thread``. Objects are plain dicts addressed by (group, version, plural);
+calls it in a pool of threads of its own: other blocking work (Prometheus queries) cannot take the
+threads API calls wait for. Objects are plain dicts addressed by (group, version, plural);
 children are written with server-side apply under one field manager with forced conflicts.
 """
 
@@ -10,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,6 +28,8 @@ from moe_operator import api
 from moe_operator.labels import FIELD_MANAGER
 
 USER_AGENT = f"{FIELD_MANAGER}/0.1.0"
+#: Threads (and pooled connections) for API calls: enough for reconciles of many MoERouters at once.
+KUBE_WORKERS = 16
 
 API_REQUESTS = Counter(
     "moe_operator_kubernetes_requests_total",
@@ -98,17 +103,28 @@ def _error(status: int | None, reason: str | None, body: bytes | str | None) -> 
 
 
 class Kube:
-    """Async facade over the official client; every call runs in a worker thread."""
+    """Async facade over the official client; every call runs in one of its ``workers`` threads.
 
-    def __init__(self, client: ApiClient) -> None:
+    The client's connection pool should hold as many connections (``from_environment`` sizes it so):
+    with fewer, the calls beyond it open a connection each and drop it afterwards.
+    """
+
+    def __init__(self, client: ApiClient, *, workers: int = KUBE_WORKERS) -> None:
+        if workers < 1:
+            raise ValueError(f"a Kube needs at least one worker thread, got {workers}")
         self._client = client
         self._client.user_agent = USER_AGENT
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
 
     @classmethod
-    def from_environment(cls) -> Kube:
-        return cls(ApiClient(load_configuration()))
+    def from_environment(cls, *, workers: int = KUBE_WORKERS) -> Kube:
+        configuration = load_configuration()
+        configuration.connection_pool_maxsize = workers
+        return cls(ApiClient(configuration), workers=workers)
 
     def close(self) -> None:
+        """Stop taking calls and close the connections (calls in flight end with their own timeout)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
     def _call(
@@ -144,7 +160,8 @@ class Kube:
 
     async def _request(self, verb: str, resource: ResourceLike, method: str, path: str, **kwargs: Any) -> Any:
         API_REQUESTS.labels(verb=verb, resource=resource.plural).inc()
-        return await asyncio.to_thread(self._call, method, path, **kwargs)
+        call = functools.partial(self._call, method, path, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def get(self, resource: ResourceLike, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""

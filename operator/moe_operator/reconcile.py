@@ -644,40 +644,64 @@ def _without_timestamp(prediction: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in prediction.items() if key != "updatedAt"}
 
 
-async def predictive_tick(kube: Kube, body: Mapping[str, Any], memo: Any, *, now: datetime) -> Outcome:
+async def predictive_tick(
+    kube: Kube, body: Mapping[str, Any], memo: Any, *, now: datetime, lock: asyncio.Lock | None = None
+) -> Outcome:
     """One forecast: status.prediction and PredictionReady, and in Active mode the HPA's minReplicas.
 
     The prediction is written only when something but its timestamp changed; ``appliedMinReplicas``
     is the floor every reconcile passes to the HPA builder, so reconcile and this timer agree.
+
+    ``lock`` (the router's, from the timer) is taken only to write: the Prometheus query can take
+    its whole timeout, and a spec edit of this router must not wait for it. Under the lock the
+    MoERouter is read afresh; a forecast made for a spec that has changed since is dropped (the next
+    tick makes one for the new spec).
     """
     from moe_operator.scaling.controller import restored_state, run_tick
-    from moe_operator.status import PREDICTION_READY, set_condition
 
-    outcome = Outcome()
     memo[PREDICTIVE_LAST_TICK] = now
     metadata = body.get("metadata") or {}
     namespace, name = metadata.get("namespace") or "default", metadata["name"]
     try:
         spec = parse_spec(body.get("spec"))
     except SpecError:
-        return outcome  # reported by the reconcile handlers
+        return Outcome()  # reported by the reconcile handlers
+    auth, problem = await resolve_prometheus_auth(kube, namespace, spec)
+    state = memo.get(PREDICTIVE_STATE)
+    if state is None:  # this process's first tick: go on from the floor the status records
+        state = memo[PREDICTIVE_STATE] = restored_state(spec, (body.get("status") or {}).get("prediction"), now)
+    refused = (problem.reason, problem.message) if problem is not None else None
+    result = await run_tick(spec, name=name, namespace=namespace, state=state, now=now, auth=auth, refused=refused)
+    if lock is None:
+        return await _write_prediction(kube, body, memo, spec, result, problem, now)
+    async with lock:
+        current = await current_router(kube, body)
+        if current is None or current.get("spec") != body.get("spec"):
+            return Outcome()
+        return await _write_prediction(kube, current, memo, spec, result, problem, now)
+
+
+async def _write_prediction(
+    kube: Kube, body: Mapping[str, Any], memo: Any, spec: MoERouterSpec, result: Any, problem: Problem | None,
+    now: datetime,
+) -> Outcome:
+    """The tick's ``result`` into the status of ``body`` (the MoERouter as it is now), and its floor onto the HPA."""
+    from moe_operator.status import PREDICTION_READY, set_condition
+
+    outcome = Outcome(router=body)
+    metadata = body.get("metadata") or {}
+    namespace, name = metadata.get("namespace") or "default", metadata["name"]
     current = dict(body.get("status") or {})
     conditions = [dict(condition) for condition in current.get("conditions") or []]
-    auth, problem = await resolve_prometheus_auth(kube, namespace, spec)
     prediction = dict(current.get("prediction") or {})
     floor: int | None = None
-    if problem is not None:  # a Warning event names the Secret; the tick fails like a failed query
+    if problem is not None:  # a Warning event names the Secret; the tick failed like a failed query
         outcome.problem = problem
         previous = next((c for c in conditions if c.get("type") == PREDICTION_READY), {})
         # The condition's message goes on with what happens to the floor: the Secret's part is its start.
         outcome.new_problem = previous.get("reason") != problem.reason or not str(
             previous.get("message", "")
         ).startswith(problem.message)
-    state = memo.get(PREDICTIVE_STATE)
-    if state is None:  # this process's first tick: go on from the floor the status records
-        state = memo[PREDICTIVE_STATE] = restored_state(spec, current.get("prediction"), now)
-    refused = (problem.reason, problem.message) if problem is not None else None
-    result = await run_tick(spec, name=name, namespace=namespace, state=state, now=now, auth=auth, refused=refused)
     fresh = _wire(result.prediction)
     if spec.autoscaling.predictive.mode == "Active" and result.min_replicas is not None:
         floor = int(result.min_replicas)

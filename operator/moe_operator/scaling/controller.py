@@ -9,9 +9,11 @@ patches the HPA; this module does no Kubernetes I/O.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from moe_operator.api import MoERouterSpec, PredictionStatus
+from moe_operator.phase import router_phase
 from moe_operator.scaling.forecast import (
     BACKTEST_SPAN_SECONDS,
     CONFIRMATION_SECONDS,
@@ -34,8 +37,9 @@ from moe_operator.scaling.forecast import (
     peak_cap,
     select_model,
 )
-from moe_operator.scaling.metrics import ScalingMetrics, scaling_metrics
+from moe_operator.scaling.metrics import ScalingMetrics, scaling_metrics, server_label
 from moe_operator.scaling.policy import (
+    REFIT_SECONDS,
     FloorMemory,
     FloorSettings,
     default_horizon_seconds,
@@ -43,6 +47,7 @@ from moe_operator.scaling.policy import (
     floor_on_success,
     floor_recommendation,
     refit_due,
+    refit_period,
     restored_floor,
 )
 from moe_operator.scaling.prometheus import (
@@ -54,6 +59,8 @@ from moe_operator.scaling.prometheus import (
     RangeResult,
     default_query,
     fetch_history,
+    fetch_time_limit,
+    spread_first_refresh,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,8 +72,12 @@ PREDICTION_OFF = "PredictionOff"
 #: History whose newest sample is older than this many steps (and at least 5 min) is stale.
 STALE_STEPS = 5
 STALE_MIN_SECONDS = 300.0
-#: Extra seconds the awaiting side allows beyond the HTTP timeout before giving up on the thread.
+#: Extra seconds the awaiting side allows beyond the HTTP timeouts of a fetch before giving up on it.
 FETCH_GUARD_SECONDS = 5.0
+#: Threads for Prometheus queries, none shared with the Kubernetes client: a slow or hanging Prometheus
+#: delays other MoERouters' queries, never a reconcile.
+PROMETHEUS_WORKERS = 8
+PROMETHEUS_POOL = ThreadPoolExecutor(max_workers=PROMETHEUS_WORKERS, thread_name_prefix="prometheus")
 
 
 @dataclass
@@ -84,6 +95,10 @@ class PredictiveState:
     last_prediction: PredictionStatus | None = None
     #: The history fetched so far: a tick reads only the newest minutes of it from Prometheus.
     history: HistoryCache = field(default_factory=HistoryCache)
+    #: The last fetch handed to the Prometheus pool, and when (monotonic clock). One still running at the
+    #: next tick was given up on (its answer is dropped): no other is sent for this MoERouter until it ends.
+    fetch: Future[RangeResult] | None = None
+    fetch_sent_at: float = 0.0
 
 
 def restored_state(spec: MoERouterSpec, prediction: Mapping[str, Any] | None, now: datetime) -> PredictiveState:
@@ -130,6 +145,23 @@ class TickResult:
     min_replicas: int | None
 
 
+async def _fetch(
+    state: PredictiveState, url: str, query: str, guard_seconds: float, executor: Executor, **read: Any
+) -> RangeResult:
+    """``fetch_history`` in ``executor``, given up on after ``guard_seconds`` (raises TimeoutError then).
+
+    The thread reads into a copy of the cached history, which becomes the cache only when the answer comes
+    in time: a query given up on writes nothing a tick can see.
+    """
+    fresh = dataclasses.replace(state.history)
+    state.fetch = executor.submit(fetch_history, fresh, url, query, **read)
+    state.fetch_sent_at = time.monotonic()
+    async with asyncio.timeout(guard_seconds):
+        result = await asyncio.wrap_future(state.fetch)
+    state.history = fresh
+    return result
+
+
 def _rfc3339(moment: float) -> str:
     return datetime.fromtimestamp(moment, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -162,11 +194,14 @@ def usable_history(result: RangeResult, now: float) -> np.ndarray:
 async def run_tick(
     spec: MoERouterSpec, *, name: str, namespace: str, state: PredictiveState, now: datetime,
     auth: PrometheusAuth | None, metrics: ScalingMetrics | None = None, refused: tuple[str, str] | None = None,
+    executor: Executor = PROMETHEUS_POOL,
 ) -> TickResult:
     """One tick of the predictive controller (see the module docstring).
 
     ``refused`` is ``(reason, message)`` when no query can be made (a credentials Secret is missing): the tick
-    fails like a query that failed, with the same grace period and decay of the floor.
+    fails like a query that failed, with the same grace period and decay of the floor. The query runs in
+    ``executor``; the tick waits for it as long as its HTTP timeouts allow (``fetch_time_limit``) plus
+    ``FETCH_GUARD_SECONDS``, and while a query it gave up on still runs, the next ticks fail at once.
     """
     metrics = metrics or scaling_metrics()
     pred = spec.autoscaling.predictive
@@ -184,20 +219,34 @@ async def run_tick(
 
     if refused is not None:
         return _failure(state, moment, *refused, active, settings, metrics, labels)
+    if state.fetch is not None and not state.fetch.done():
+        message = (
+            f"the query this MoERouter sent to Prometheus {time.monotonic() - state.fetch_sent_at:.0f} s ago is "
+            "still running: no other is sent until it ends"
+        )
+        return _failure(state, moment, UNAVAILABLE, message, active, settings, metrics, labels)
+    timeout = pred.prometheus.timeout_seconds
+    guard = fetch_time_limit(pred.lookback_seconds, pred.step_seconds, timeout) + FETCH_GUARD_SECONDS
+    phase = router_phase(namespace, name)
     started = time.perf_counter()
     try:
-        async with asyncio.timeout(pred.prometheus.timeout_seconds + FETCH_GUARD_SECONDS):
-            result = await asyncio.to_thread(
-                fetch_history, state.history, pred.prometheus.url, query, end=moment,
-                lookback_seconds=pred.lookback_seconds,
-                step_seconds=pred.step_seconds, timeout_seconds=pred.prometheus.timeout_seconds, auth=auth,
-            )
-        metrics.query_seconds.labels(*labels).observe(time.perf_counter() - started)
+        result = await _fetch(
+            state, pred.prometheus.url, query, guard, executor, end=moment, lookback_seconds=pred.lookback_seconds,
+            step_seconds=pred.step_seconds, timeout_seconds=timeout, auth=auth,
+            first_refresh_seconds=spread_first_refresh(phase),
+        )
+        metrics.query_seconds.labels(server_label(pred.prometheus.url)).observe(time.perf_counter() - started)
         history = usable_history(result, moment)
     except PrometheusQueryError as exc:
         return _failure(state, moment, exc.reason, exc.message, active, settings, metrics, labels)
     except TimeoutError:
-        message = f"no answer from Prometheus within {pred.prometheus.timeout_seconds:g} s"
+        if state.fetch is not None and state.fetch.cancel():  # still queued: it will never run
+            message = (
+                f"the query waited {guard:g} s for one of the {PROMETHEUS_WORKERS} Prometheus query threads, "
+                "all busy with other MoERouters' queries"
+            )
+        else:
+            message = f"no answer from Prometheus within {timeout:g} s"
         return _failure(state, moment, UNAVAILABLE, message, active, settings, metrics, labels)
     except Exception as exc:  # a fault of the client library must never stop the timer
         logger.exception("Prometheus query for %s/%s failed unexpectedly", namespace, name)
@@ -216,7 +265,9 @@ async def run_tick(
         return TickResult(prediction, "False", INSUFFICIENT_HISTORY, message, applied if active else None)
 
     try:
-        choice = _current_choice(state, history, grid, pred.seasonality, settings.stabilization_seconds, moment)
+        choice = _current_choice(
+            state, history, grid, pred.seasonality, settings.stabilization_seconds, moment, refit_period(phase)
+        )
         predicted = float(forecast_peak(history, grid, choice)[0])
     except ForecastError as exc:
         return _failure(state, moment, FORECAST_FAILED, str(exc), active, settings, metrics, labels)
@@ -297,14 +348,15 @@ def _too_young(samples: int, grid: Grid, step_seconds: float) -> str:
 
 
 def _current_choice(
-    state: PredictiveState, history: np.ndarray, grid: Grid, seasonality: Seasonality, hold: float, now: float
+    state: PredictiveState, history: np.ndarray, grid: Grid, seasonality: Seasonality, hold: float, now: float,
+    period_seconds: float = REFIT_SECONDS,
 ) -> ModelChoice:
     key = (grid.step_seconds, grid.horizon, seasonality, hold)
     fresh = (
         state.choice is not None
         and state.choice_key == key
         and state.choice_at is not None
-        and not refit_due(now - state.choice_at, state.choice_samples, history.size)
+        and not refit_due(now - state.choice_at, state.choice_samples, history.size, period_seconds)
     )
     if fresh and state.choice is not None:
         return state.choice
@@ -355,4 +407,6 @@ def horizon_of(spec: MoERouterSpec) -> int:
     return default_horizon_seconds(pred.horizon_seconds, spec.runtime.startup_seconds)
 
 
-__all__ = ["PredictiveState", "TickResult", "horizon_of", "restored_state", "run_tick", "usable_history"]
+__all__ = [
+    "PredictiveState", "TickResult", "horizon_of", "restored_state", "router_phase", "run_tick", "usable_history"
+]

@@ -44,9 +44,18 @@ def clamp(value: int, low: int, high: int) -> int:
     return max(low, min(high, value))
 
 
-def refit_due(age_seconds: float, fitted_samples: int, samples: int) -> bool:
-    """Whether the cached model choice must be re-made by backtest (see ``REFIT_GROWTH``)."""
-    return not 0 <= age_seconds < REFIT_SECONDS or samples >= REFIT_GROWTH * fitted_samples
+def refit_due(age_seconds: float, fitted_samples: int, samples: int, period_seconds: float = REFIT_SECONDS) -> bool:
+    """Whether the cached model choice must be re-made by backtest: ``period_seconds`` after the last one
+    (``refit_period`` for a live router), or sooner while the history grows (see ``REFIT_GROWTH``)."""
+    return not 0 <= age_seconds < period_seconds or samples >= REFIT_GROWTH * fitted_samples
+
+
+def refit_period(phase: float) -> float:
+    """The refit period of a router with ``phase`` in [0, 1): between 3/4 of ``REFIT_SECONDS`` and all of it,
+    so routers whose first backtests ran in the same minute (an operator start) do not refit together."""
+    if not 0.0 <= phase < 1.0:
+        raise PolicyError(f"a router's phase must be in [0, 1), got {phase}")
+    return REFIT_SECONDS * (0.75 + phase / 4.0)
 
 
 @lru_cache(maxsize=4096)

@@ -1,7 +1,7 @@
 """The only Prometheus client: one range query for a MoERouter's request-rate history.
 
-Synchronous (prometheus-api-client over requests); the controller calls it through
-``asyncio.to_thread``. Every fault comes out as a ``PrometheusQueryError`` whose ``reason`` is the
+Synchronous (prometheus-api-client over requests); the controller calls it in its own pool of
+threads. Every fault comes out as a ``PrometheusQueryError`` whose ``reason`` is the
 ``PredictionReady`` condition reason to report, so the controller never has to know about HTTP.
 """
 
@@ -111,6 +111,25 @@ def align_end(now: float, step: float) -> float:
     return math.floor(now / step) * step
 
 
+def lookback_start(end: float, lookback_seconds: float, step_seconds: float) -> float:
+    """The first grid point of the lookback that ends at ``end`` (a point of the step grid)."""
+    return end - math.floor(lookback_seconds / step_seconds) * step_seconds
+
+
+def client_timeout(timeout_seconds: float) -> int:
+    """The HTTP client's timeout for connecting and for each read: whole seconds, never below the spec's."""
+    return math.ceil(timeout_seconds)
+
+
+def fetch_time_limit(lookback_seconds: float, step_seconds: float, timeout_seconds: float) -> float:
+    """How long ``fetch_range`` over a lookback can wait on its answers: the client timeout for each window.
+
+    (A read times out between bytes, so a server that trickles its answer can hold a window longer.)
+    """
+    windows = query_windows(lookback_start(0.0, lookback_seconds, step_seconds), 0.0, step_seconds)
+    return float(len(windows) * client_timeout(timeout_seconds))
+
+
 def query_windows(
     start: float, end: float, step: float, max_points: int = MAX_POINTS_PER_QUERY
 ) -> list[tuple[float, float]]:
@@ -185,7 +204,7 @@ def fetch_range(
         if problem is not None:
             raise PrometheusQueryError(TLS_FAILED, f"the CA bundle for Prometheus at {shown} {problem}")
     end = align_end(end, step_seconds)
-    start = end - math.floor(lookback_seconds / step_seconds) * step_seconds
+    start = lookback_start(end, lookback_seconds, step_seconds)
     basic = (auth.username or "", auth.password or "") if auth.username or auth.password else None
     # One Authorization header: basic auth wins when both are set (requests would replace the token anyway).
     headers = {"Authorization": f"Bearer {auth.bearer_token}"} if auth.bearer_token and basic is None else None
@@ -194,7 +213,7 @@ def fetch_range(
         client = PrometheusConnect(
             url=url.rstrip("/"), headers=headers, auth=basic, session=session,
             # The next tick is the retry: one slow attempt must not hold a worker thread for long.
-            retry=Retry(total=0), timeout=math.ceil(timeout_seconds),
+            retry=Retry(total=0), timeout=client_timeout(timeout_seconds),
         )
         try:
             result = []
@@ -249,25 +268,30 @@ class HistoryCache:
 
     key: tuple[str, str, float, float] | None = None
     result: RangeResult | None = None
-    refreshed_at: float = -math.inf
+    #: When the next whole read is due (the ``end`` of the tick that reaches it).
+    refresh_due: float = -math.inf
 
 
 def fetch_history(
     cache: HistoryCache, url: str, query: str, *, end: float, lookback_seconds: float, step_seconds: float,
     timeout_seconds: float, auth: PrometheusAuth | None = None, fetch: Callable[..., RangeResult] | None = None,
+    first_refresh_seconds: float = FULL_REFRESH_SECONDS,
 ) -> RangeResult:
     """``fetch_range`` over the lookback, reading only the newest steps when ``cache`` holds the rest.
 
-    A whole read happens on the first call, when the URL, query, step or lookback changed, and every
-    ``FULL_REFRESH_SECONDS``; otherwise the range from ``REFETCH_STEPS`` before the cached end to ``end`` is
-    read and merged in. Errors propagate as from ``fetch_range`` and leave the cache as it was.
+    A whole read happens on the first call, when the URL, query, step or lookback changed, when the cache
+    no longer reaches the lookback, and when a refresh is due: ``first_refresh_seconds`` after a whole read
+    of the first kinds (a per-router spread, so routers that started together do not refresh together),
+    then every ``FULL_REFRESH_SECONDS``. Otherwise the range from ``REFETCH_STEPS`` before the cached end to
+    ``end`` is read and merged in. Errors propagate as from ``fetch_range`` and leave the cache as it was.
     """
     fetch = fetch or fetch_range
     aligned = align_end(end, step_seconds)
-    start = aligned - math.floor(lookback_seconds / step_seconds) * step_seconds
+    start = lookback_start(aligned, lookback_seconds, step_seconds)
     key = (url, query, float(step_seconds), float(lookback_seconds))
     old = cache.result
-    if old is not None and cache.key == key and end - cache.refreshed_at < FULL_REFRESH_SECONDS:
+    same = old is not None and cache.key == key
+    if old is not None and same and end < cache.refresh_due:
         old_end = old.start + (old.values.size - 1) * old.step
         since = max(start, old_end - REFETCH_STEPS * step_seconds)
         if start <= old_end <= aligned:
@@ -277,8 +301,18 @@ def fetch_history(
             return cache.result
     result: RangeResult = fetch(url, query, end=end, lookback_seconds=lookback_seconds, step_seconds=step_seconds,
                                 timeout_seconds=timeout_seconds, auth=auth)  # fmt: skip
-    cache.key, cache.result, cache.refreshed_at = key, result, end
+    periodic = same and end >= cache.refresh_due
+    cache.key, cache.result = key, result
+    cache.refresh_due = end + (FULL_REFRESH_SECONDS if periodic else first_refresh_seconds)
     return result
+
+
+def spread_first_refresh(phase: float) -> float:
+    """When a router with ``phase`` in [0, 1) re-reads its history whole after its first read: in the second
+    half of ``FULL_REFRESH_SECONDS``, so after an operator start the routers' whole reads are spread over it."""
+    if not 0.0 <= phase < 1.0:
+        raise ValueError(f"a router's phase must be in [0, 1), got {phase}")
+    return FULL_REFRESH_SECONDS * (0.5 + phase / 2.0)
 
 
 def _http_status(exc: BaseException) -> int | None:

@@ -7,6 +7,7 @@ grace periods and stabilisation windows are crossed without waiting for them.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from moe_operator.kube import MOEROUTERS, Kube
 from moe_operator.reconcile import predictive_tick, reconcile
 from moe_operator.sandbox import Running
 from moe_operator.status import rfc3339
-from tests.integration.operator.harness import example_router, sandbox_with_client
+from tests.integration.operator.harness import eventually, example_router, sandbox_with_client
 from tests.support.prometheus import PrometheusServer, SeriesSpec, prometheus_missing, start_prometheus
 
 pytestmark = pytest.mark.timeout(120)
@@ -311,3 +312,30 @@ async def test_a_tick_that_only_moves_the_load_writes_the_status_at_most_every_t
     third = await tick(kube, "steady", memo, start + timedelta(seconds=600))
     assert third["status"]["prediction"]["updatedAt"] != first["status"]["prediction"]["updatedAt"]
     assert third["status"]["prediction"]["predictedLoad"] != first["status"]["prediction"]["predictedLoad"]
+
+
+async def test_a_spec_edit_does_not_wait_for_the_prometheus_query_of_a_tick(sandbox):
+    # The predictive timer takes the router's lock only to write what its query found: a reconcile of the
+    # same router (a spec edit) goes through while the query hangs.
+    import kopf
+
+    from moe_operator import handlers
+    from tests.support.prometheus_stand_in import prometheus_stand_in
+
+    _, kube = sandbox
+    with prometheus_stand_in() as stand_in:
+        stand_in.mode = "hang"
+        body = await router(kube, "r", predictive_spec(stand_in.url), None)
+        memo = kopf.Memo()
+        memo.kube = kube
+        predictive: Any = handlers.predictive
+        reconcile_router: Any = handlers.reconcile_router
+        ticking = asyncio.create_task(predictive(body=body, memo=memo, namespace="default", name="r"))
+        await eventually(lambda: stand_in.requests, message="the tick's query sent", within=10)
+        started = time.monotonic()
+        await reconcile_router(body=body, memo=kopf.Memo(kube=kube), retry=0, reason="update",
+                               namespace="default", name="r")  # fmt: skip
+        assert time.monotonic() - started < 2.0 and not ticking.done()
+        stand_in.release.set()
+        await ticking
+    assert prediction_ready(await stored(kube, "r"))["reason"] == "PrometheusUnavailable"
