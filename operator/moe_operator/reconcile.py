@@ -79,6 +79,11 @@ _in_sync: dict[tuple[str, str, str], str] = {}
 #: (namespace, router, uid) -> the ConfigMap left alone by the last prune: a settled router skips the list.
 _config_maps_pruned: dict[tuple[str, str, str], str] = {}
 
+#: (kind, namespace, router, uid) of children the spec does not want and that are known gone (pruned, or
+#: found absent): later reconciles skip the GET (two to five per reconcile and router otherwise). Cleared
+#: for a kind as soon as the spec wants it again; a new process checks each once.
+_known_absent: set[tuple[str, str, str, str]] = set()
+
 
 def lock_for(namespace: str, name: str) -> asyncio.Lock:
     """One lock per MoERouter: reconciles of the same object never interleave."""
@@ -101,6 +106,8 @@ def forget(namespace: str, name: str) -> None:
     _locks.pop((namespace, name), None)
     for pruned in [key for key in _config_maps_pruned if key[:2] == (namespace, name)]:
         del _config_maps_pruned[pruned]
+    for absent in [key for key in _known_absent if key[1:3] == (namespace, name)]:
+        _known_absent.discard(absent)
     scaling_metrics().forget(namespace, name)
     condition_metrics().forget(namespace, name)
     for resource in CHILD_RESOURCES:
@@ -418,9 +425,11 @@ async def _apply_children(
         if resource == DEPLOYMENT:
             deployment = actual
     for resource in CHILD_RESOURCES:
+        absent = (resource.kind, owner.namespace, owner.name, owner.uid)
         if resource.kind in desired_kinds:
+            _known_absent.discard(absent)
             continue
-        if resource.kind in _unreadable_kinds:
+        if resource.kind in _unreadable_kinds or absent in _known_absent:
             continue
         name = child_name(resource, owner.name)
         try:
@@ -433,6 +442,7 @@ async def _apply_children(
         if stale is not None and _owned_by(stale, owner) and await kube.delete(resource, owner.namespace, name):
             outcome.pruned.append(f"{resource.kind}/{name}")
             CHILD_WRITES.labels(kind=resource.kind, action="prune").inc()
+        _known_absent.add(absent)  # nothing of ours left (a foreign object of that name is never ours to prune)
     if CONFIG_MAP.kind not in conflicted and deployment is not None:
         current = next(child["metadata"]["name"] for child in desired if child["kind"] == CONFIG_MAP.kind)
         await prune_config_maps(kube, owner, current, deployment, outcome)

@@ -48,6 +48,26 @@ async def test_reconciling_a_settled_router_sends_no_writes(sandbox):
     assert [call for call in running.sandbox.log[mark:] if call.is_write] == []
 
 
+async def test_children_the_spec_does_not_want_are_looked_for_once_then_again_when_it_wants_them(sandbox):
+    running, kube = sandbox
+    await reconcile(kube, await created_router(running, kube), trigger="test")
+    mark = len(running.sandbox.log)
+    await reconcile(kube, await kube.get(MOEROUTERS, "default", "r"), trigger="test")
+    looked_up = {call.resource for call in running.sandbox.log[mark:] if call.verb == "get"}
+    assert {"servicemonitors", "prometheusrules"}.isdisjoint(looked_up), looked_up
+    # Wanted again, then not: the HPA is made, then pruned (and not looked for after that).
+    for enabled in (False, True, False):
+        router = await kube.get(MOEROUTERS, "default", "r")
+        assert router is not None
+        router["spec"]["autoscaling"]["enabled"] = enabled
+        outcome = await reconcile(kube, router, trigger="test")
+        hpa = running.sandbox.object_of("autoscaling", "v2", "horizontalpodautoscalers", "default", "r")
+        assert (hpa is not None) == enabled, outcome
+    mark = len(running.sandbox.log)
+    await reconcile(kube, router, trigger="test")
+    assert "horizontalpodautoscalers" not in {call.resource for call in running.sandbox.log[mark:]}
+
+
 async def test_a_foreign_object_with_a_child_name_is_not_taken_over(sandbox):
     running, kube = sandbox
     running.sandbox.seed("", "v1", "services", {"metadata": {"name": "r", "namespace": "default"}, "spec": {}})
