@@ -119,12 +119,20 @@ DRIFT_SPREAD_DONE = "drift_spread_done"
 
 
 @kopf.timer(*ROUTERS, id="drift", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-async def resync(body: kopf.Body, memo: kopf.Memo, namespace: str | None, name: str, **_: Any) -> None:
+async def resync(
+    body: kopf.Body, memo: kopf.Memo, namespace: str | None, name: str,
+    stopped: kopf.DaemonStopped | None = None, **_: Any,
+) -> None:
     if not memo.get(DRIFT_SPREAD_DONE):
         # Every router's timer starts with the operator: without a spread, all of them resync in the same
         # second of every period (a burst of API calls at each). Each run is due an interval after the last.
+        # Waiting on ``stopped``, not sleeping: kopf does not cancel a running timer when its object is deleted.
         memo[DRIFT_SPREAD_DONE] = True
-        await asyncio.sleep(router_phase(namespace or "", name) * RESYNC_SECONDS)
+        delay = router_phase(namespace or "", name) * RESYNC_SECONDS
+        if stopped is None:  # called directly (tests), not as kopf's timer
+            await asyncio.sleep(delay)
+        elif await stopped.wait(delay):
+            return
     async with reconcile.lock_for(namespace or "", name):
         current = await reconcile.current_router(memo.kube, body)
         if current is None:

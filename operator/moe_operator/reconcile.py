@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import copy
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -91,14 +93,17 @@ def lock_for(namespace: str, name: str) -> asyncio.Lock:
 
 
 async def current_router(kube: Kube, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The MoERouter as the API server holds it now (None once it is gone).
+    """The MoERouter as the API server holds it now (None once it is gone or being deleted).
 
     Handlers call this under the object's lock: the body an event or timer was started with can
     predate what another handler wrote while this one waited for the lock (a predictive tick's
     floor and PredictionReady condition), and reconciling from it would undo those writes.
     """
     metadata = body.get("metadata") or {}
-    return await kube.get(MOEROUTERS, metadata.get("namespace"), metadata["name"])
+    current = await kube.get(MOEROUTERS, metadata.get("namespace"), metadata["name"])
+    if current is None or (current.get("metadata") or {}).get("deletionTimestamp"):
+        return None  # being deleted: the owner references take the children, nothing to reconcile
+    return current
 
 
 def forget(namespace: str, name: str) -> None:
@@ -635,6 +640,20 @@ def _wire(value: Any) -> dict[str, Any]:
     return {key: item for key, item in dict(value).items() if item is not None}
 
 
+def _status_refresh_seconds(spec: MoERouterSpec, floor: int | None) -> float:
+    """How long a tick that moves only the load may leave the status unwritten.
+
+    While a floor above minReplicas is held, ``updatedAt`` is what a restarted operator counts the grace
+    period and the stabilisation window from (``controller.restored_state``): refreshed at least every
+    quarter of either, a restart ends them at most a quarter early.
+    """
+    if floor is None or floor <= spec.autoscaling.min_replicas:
+        return STATUS_REFRESH_SECONDS
+    predictive = spec.autoscaling.predictive
+    quarter = min(predictive.grace_period_seconds, predictive.scale_down_stabilization_seconds) / 4
+    return min(STATUS_REFRESH_SECONDS, quarter)
+
+
 def _materially_changed(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     """Whether a predictive status write says something new: a condition's status or reason, or a
     prediction field other than the load, the backtest error and the timestamp (a floor, a model)."""
@@ -672,8 +691,10 @@ async def predictive_tick(
     memo[PREDICTIVE_LAST_TICK] = now
     metadata = body.get("metadata") or {}
     namespace, name = metadata.get("namespace") or "default", metadata["name"]
+    # kopf's body is a live view, replaced in place by every watch event: keep the spec this forecast is for.
+    spec_at_start = copy.deepcopy(body.get("spec"))
     try:
-        spec = parse_spec(body.get("spec"))
+        spec = parse_spec(spec_at_start)
     except SpecError:
         return Outcome()  # reported by the reconcile handlers
     auth, problem = await resolve_prometheus_auth(kube, namespace, spec)
@@ -686,7 +707,13 @@ async def predictive_tick(
         return await _write_prediction(kube, body, memo, spec, result, problem, now)
     async with lock:
         current = await current_router(kube, body)
-        if current is None or current.get("spec") != body.get("spec"):
+        if current is None:
+            return Outcome()
+        if current.get("spec") != spec_at_start:
+            # Edited while the query ran: the edit's reconcile applied the new spec; this forecast is for the
+            # old one, and the series it just set may be ones the new spec has no use for (mode Off).
+            with contextlib.suppress(SpecError):
+                forget_scaling_series(namespace, name, parse_spec(current.get("spec")))
             return Outcome()
         return await _write_prediction(kube, current, memo, spec, result, problem, now)
 
@@ -731,8 +758,8 @@ async def _write_prediction(
         desired["prediction"] = prediction
     patch = status_patch(current, desired)
     last_write: datetime | None = memo.get(PREDICTIVE_LAST_WRITE)
-    due = last_write is None or (now - last_write).total_seconds() >= STATUS_REFRESH_SECONDS
-    if patch and (due or _materially_changed(current, desired)):
+    due = last_write is None or (now - last_write).total_seconds() >= _status_refresh_seconds(spec, floor)
+    if patch and (due or outcome.new_problem or _materially_changed(current, desired)):
         await kube.patch_status(MOEROUTERS, namespace, name, patch)
         memo[PREDICTIVE_LAST_WRITE] = now
         outcome.status_written = True

@@ -339,3 +339,101 @@ async def test_a_spec_edit_does_not_wait_for_the_prometheus_query_of_a_tick(sand
         stand_in.release.set()
         await ticking
     assert prediction_ready(await stored(kube, "r"))["reason"] == "PrometheusUnavailable"
+
+
+@pytest.mark.prometheus
+@pytest.mark.parametrize("edit", ["ForecastOnly", "Off"])
+async def test_a_forecast_for_a_spec_edited_while_its_query_ran_is_dropped(sandbox, prometheus, monkeypatch, edit):
+    # kopf gives a timer a live body that every watch event replaces in place: what the forecast was made
+    # for has to be kept at its start, or the old Active floor goes on the HPA after the edit's reconcile.
+    import threading
+
+    import kopf
+
+    from moe_operator import handlers
+    from moe_operator.scaling import prometheus as adapter
+
+    running, kube = sandbox
+    server, _ = prometheus
+    sent, answer = threading.Event(), threading.Event()
+    real_fetch = adapter.fetch_range
+
+    def held_fetch(*args: Any, **kwargs: Any) -> Any:  # the real query, answered once the edit is made
+        sent.set()
+        answer.wait(10)
+        return real_fetch(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "fetch_range", held_fetch)
+    await router(kube, "steady", predictive_spec(server.url, capacityPerReplica=5), None)
+    live = kopf.Body(await stored(kube, "steady"))  # type: ignore[arg-type]  # kopf's RawBody is a TypedDict
+    memo = kopf.Memo()
+    memo.kube = kube
+    predictive: Any = handlers.predictive
+    ticking = asyncio.create_task(predictive(body=live, memo=memo, namespace="default", name="steady"))
+    await eventually(lambda: sent.is_set(), message="the tick's query sent", within=10)
+    await switch_mode(kube, "steady", edit)
+    live._replace_with(await stored(kube, "steady"))  # what kopf does with the edit's watch event
+    answer.set()
+    await ticking
+    assert hpa_min_replicas(running, "steady") == 2  # the Active forecast would have asked for 6
+    labels = {"namespace": "default", "moerouter": "steady"}
+    assert REGISTRY.get_sample_value("moe_operator_applied_min_replicas", labels) is None
+
+
+@pytest.mark.prometheus
+async def test_while_a_floor_is_held_the_status_is_refreshed_every_quarter_of_the_grace_period_or_window(
+    sandbox, prometheus
+):
+    # A restarted operator counts the grace period and the window from updatedAt: with a floor held, the
+    # status may lag the last good forecast by a quarter of the shorter of the two (600 s here), not 10 min.
+    running, kube = sandbox
+    server, end = prometheus
+    start = datetime.fromtimestamp(end, tz=UTC) - timedelta(seconds=600)
+    await router(kube, "steady", predictive_spec(server.url, capacityPerReplica=5), None)
+    memo: dict[str, Any] = {}
+    first = await tick(kube, "steady", memo, start)
+    assert hpa_min_replicas(running, "steady") == 6
+    later = await tick(kube, "steady", memo, start + timedelta(seconds=300))  # one more sample: the load moved
+    assert later["status"]["prediction"]["updatedAt"] != first["status"]["prediction"]["updatedAt"]
+
+
+async def test_a_prediction_problem_whose_message_changed_is_written_at_once_and_warned_once(sandbox):
+    # Two Prometheus Secrets missing; the user creates the first: the condition names the second at once.
+    running, kube = sandbox
+    spec = predictive_spec(DOWN)
+    spec["prometheus"]["bearerTokenSecretRef"] = {"name": "prom-token", "key": "token"}
+    spec["prometheus"]["tls"] = {"caSecretRef": {"name": "prom-ca", "key": "ca.crt"}}
+    await router(kube, "r", spec, None)
+    now = datetime.now(tz=UTC)
+    memo: dict[str, Any] = {}
+    await predictive_tick(kube, await stored(kube, "r"), memo, now=now)
+    assert "prom-token" in prediction_ready(await stored(kube, "r"))["message"]
+    running.sandbox.seed("", "v1", "secrets", {"metadata": {"name": "prom-token", "namespace": "default"},
+                                               "stringData": {"token": "t"}})  # fmt: skip
+    outcome = await predictive_tick(kube, await stored(kube, "r"), memo, now=now + timedelta(seconds=60))
+    assert outcome.new_problem and "prom-ca" in prediction_ready(await stored(kube, "r"))["message"]
+    again = await predictive_tick(kube, await stored(kube, "r"), memo, now=now + timedelta(seconds=120))
+    assert not again.new_problem  # no second Warning event for the same problem
+
+
+async def test_the_first_drift_resync_waits_for_its_place_but_not_for_a_deletion(sandbox, monkeypatch):
+    # kopf does not cancel a running timer when its object is deleted; the spread waits on ``stopped``.
+    import kopf
+    from kopf._core.intents.stoppers import DaemonStopper, DaemonStoppingReason
+
+    from moe_operator import handlers
+
+    _, kube = sandbox
+    monkeypatch.setattr(handlers, "RESYNC_SECONDS", 3600.0)  # a place up to an hour into the period
+    body = await router(kube, "r", predictive_spec(DOWN, mode="Off"), None)
+    stopper = DaemonStopper()
+    memo = kopf.Memo()
+    memo.kube = kube
+    resync: Any = handlers.resync
+    waiting = asyncio.create_task(
+        resync(body=body, memo=memo, namespace="default", name="r", stopped=stopper.async_waiter)
+    )
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    stopper.set(DaemonStoppingReason.RESOURCE_DELETED)
+    await asyncio.wait_for(waiting, 2.0)
