@@ -2,7 +2,8 @@
 
 Every handler takes the per-MoERouter lock, reads the MoERouter afresh under it (the body kopf
 passed may predate a write made while the handler waited: a predictive tick's floor and condition),
-and calls into ``reconcile``; nothing here computes children or status. Timer periods come from the
+and calls into ``reconcile`` (the predictive timer queries Prometheus first and takes the lock only to
+write what it found); nothing here computes children or status. Timer periods come from the
 environment so tests can run fast:
 ``MOE_OPERATOR_RESYNC_SECONDS`` (drift timer, default 300), ``MOE_OPERATOR_PREDICTIVE_TICK_SECONDS``
 (how often the predictive timer checks whether its per-object interval is due, default 10) and
@@ -101,7 +102,7 @@ async def reconcile_router(
     async with reconcile.lock_for(namespace or "", name):
         current = await reconcile.current_router(memo.kube, body)
         if current is None:
-            return  # deleted while waiting: the children go with the owner references
+            return  # deleted (or being deleted) while waiting: the children go with the owner references
         outcome = await reconcile.reconcile(memo.kube, current, trigger=str(reason))
     _report(body, outcome)
     if outcome.problem is not None and outcome.invalid_spec:
